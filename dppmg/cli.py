@@ -1,0 +1,113 @@
+"""The `dppmg` command line: parse, load the config, call the library. No logic of its own.
+
+dppmg <command> [CONFIG.yaml] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dppmg import __version__
+from dppmg.config import Config, load_config, to_yaml
+from dppmg.errors import DppmgError
+from dppmg.log import logger, setup_logging
+
+
+def _config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Split `[CONFIG.yaml] [key=value ...]`: the config file is the one argument without '='."""
+    path, overrides = None, []
+    for a in args:
+        if "=" in a:
+            overrides.append(a)
+        elif path is None:
+            path = a
+        else:
+            raise DppmgError(f"unexpected argument {a!r}: give one config file and key=value overrides")
+    return path, overrides
+
+
+def cmd_data_prepare(cfg: Config, ns: argparse.Namespace) -> None:
+    from dppmg.data.prepare import prepare
+
+    prepare(cfg, progress=not ns.quiet)
+
+
+def cmd_data_stats(cfg: Config, ns: argparse.Namespace) -> None:
+    from dppmg.data.format import load_dataset
+    from dppmg.data.stats import format_stats, write_stats
+
+    ds = load_dataset(cfg.data.processed_dir)
+    out = cfg.data.processed_dir / "stats"
+    stats = write_stats(ds, out, seed=cfg.seed)
+    print(format_stats(stats))
+    logger.info("wrote %s and %s", out / "stats.json", out / "sample_items.png")
+
+
+def cmd_config_show(cfg: Config, ns: argparse.Namespace) -> None:
+    print(to_yaml(cfg), end="")
+
+
+COMMANDS: dict[tuple[str, str], tuple[Callable[[Config, argparse.Namespace], None], str]] = {
+    ("data", "prepare"): (cmd_data_prepare, "build the processed dataset, item features and the scorer"),
+    ("data", "stats"): (cmd_data_stats, "print dataset statistics; write stats.json and a sample grid PNG"),
+    ("config", "show"): (cmd_config_show, "print the resolved config (defaults + file + overrides)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dppmg",
+        description="Personalized multimodal generation with discrete preference tokens.",
+        epilog="Every command takes [CONFIG.yaml] [key=value ...], e.g. "
+        "`dppmg data prepare configs/movielens.yaml data.raw_dir=../shared/data/ml-latest-small`.",
+    )
+    p.add_argument("--version", action="version", version=f"dppmg {__version__}")
+    groups = p.add_subparsers(dest="group", metavar="<command>", required=True)
+    by_group: dict[str, argparse._SubParsersAction] = {}
+    for (group, name), (_, help_text) in COMMANDS.items():
+        if group not in by_group:
+            gp = groups.add_parser(group, help=f"{group} commands")
+            by_group[group] = gp.add_subparsers(dest="name", metavar="<subcommand>", required=True)
+        sp = by_group[group].add_parser(name, help=help_text, description=help_text)
+        sp.add_argument(
+            "args", nargs="*", metavar="CONFIG.yaml | key=value", help="config file and overrides"
+        )
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub unless the user allows it
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault(
+        "HF_HUB_DISABLE_PROGRESS_BARS", "1"
+    )  # transformers' "Loading weights" bars; ours stay
+    parser = build_parser()
+    # Options may come after the key=value arguments (`dppmg data prepare cfg.yaml a=1 -q`).
+    ns, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    ns.args = [*ns.args, *extra]
+    setup_logging(ns.verbose)
+    func, _ = COMMANDS[(ns.group, ns.name)]
+    try:
+        path, overrides = _config_args(ns.args)
+        cfg = load_config(Path(path) if path else None, overrides)
+        func(cfg, ns)
+    except DppmgError as e:
+        print(f"dppmg: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dppmg: interrupted; finished outputs are intact, partial ones were discarded", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

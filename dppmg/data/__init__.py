@@ -1,0 +1,1 @@
+"""Datasets: one processed format for every source (see DESIGN.md, "Processed dataset")."""

@@ -1,0 +1,62 @@
+"""Moving item images into a processed dataset and reading them back as arrays."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+IMAGES_DIR = "images"
+
+
+def image_name(item_idx: int, suffix: str = ".png") -> str:
+    """The path of an item's image inside a processed dataset, relative to the dataset folder."""
+    return f"{IMAGES_DIR}/{item_idx:07d}{suffix.lower()}"
+
+
+def write_image_array(images: np.ndarray, root: Path, progress: bool = True) -> list[str]:
+    """Save uint8 [N, H, W, 3] as PNGs under root/images/; returns the relative paths, row i → item i."""
+    (root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in tqdm(range(len(images)), desc="write images", unit="img", disable=not progress, leave=False):
+        name = image_name(i)
+        Image.fromarray(images[i]).save(root / name, format="PNG", compress_level=1)
+        names.append(name)
+    return names
+
+
+def copy_image_files(paths: Sequence[str | None], root: Path, progress: bool = True) -> list[str | None]:
+    """Copy source images (row i → item i) into root/images/, hard-linking when the filesystem allows.
+
+    The processed dataset then stands on its own: deleting or moving the raw folder does not break it.
+    """
+    (root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    names: list[str | None] = []
+    for i, src in enumerate(tqdm(paths, desc="copy images", unit="img", disable=not progress, leave=False)):
+        if src is None:
+            names.append(None)
+            continue
+        name = image_name(i, Path(src).suffix or ".png")
+        try:
+            os.link(src, root / name)
+        except OSError:
+            shutil.copyfile(src, root / name)
+        names.append(name)
+    return names
+
+
+def load_image_array(paths: Sequence[str | Path], size: int, progress: bool = True) -> np.ndarray:
+    """Read images as uint8 [N, size, size, 3] (RGB, resized with bicubic filtering; aspect not kept)."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(tqdm(paths, desc="read images", unit="img", disable=not progress, leave=False)):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            out[i] = np.asarray(im)
+    return out

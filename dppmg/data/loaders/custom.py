@@ -1,0 +1,128 @@
+"""The generic format: an items table and an interactions table, each CSV or JSONL (by extension).
+
+    items        item_id, text, keywords, (image)     image: a path relative to data.images_dir if set,
+                                                       else to data.raw_dir, or absolute
+    interactions user_id, item_id, timestamp, (rating) timestamp: integer seconds or an ISO-8601 date
+
+Defaults are items.csv / items.jsonl and interactions.csv / interactions.jsonl in data.raw_dir;
+data.items_file and data.interactions_file override them. Extra item columns are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dppmg.config import DataConfig
+from dppmg.data.loaders import (
+    ids_to_str,
+    list_dir,
+    read_jsonl,
+    require_columns,
+    require_file,
+    require_raw_dir,
+    resolve_images_dir,
+    to_seconds,
+)
+from dppmg.data.raw import RawDataset
+from dppmg.errors import DppmgError
+
+ITEM_COLUMNS = ("item_id", "text", "keywords")
+ITEM_OPTIONAL = ("image",)
+INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
+INTERACTION_OPTIONAL = ("rating",)
+CSV_SUFFIXES = (".csv", ".csv.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+EXPECTED = (
+    "items.csv or items.jsonl (item_id, text, keywords, image) and interactions.csv or interactions.jsonl"
+)
+
+
+def load_custom(cfg: DataConfig) -> RawDataset:
+    raw_dir = require_raw_dir(cfg, EXPECTED)
+    items_file = _table_file(cfg, raw_dir, "items", cfg.items_file, "items_file")
+    inter_file = _table_file(cfg, raw_dir, "interactions", cfg.interactions_file, "interactions_file")
+    items = _read_items(items_file, resolve_images_dir(cfg) or raw_dir)
+    interactions = _read_interactions(inter_file)
+    info = {"items_file": str(items_file), "interactions_file": str(inter_file)}
+    return RawDataset(source="custom", items=items, interactions=interactions, info=info)
+
+
+def _table_file(cfg: DataConfig, raw_dir: Path, stem: str, configured: str | None, key: str) -> Path:
+    if configured is not None:
+        return require_file(cfg.raw_path(configured), f"the {stem} table (data.{key}), CSV or JSONL")  # type: ignore[arg-type]
+    for suffix in (".csv", ".jsonl"):
+        if (raw_dir / f"{stem}{suffix}").is_file():
+            return raw_dir / f"{stem}{suffix}"
+    raise DppmgError(
+        f"{raw_dir}: no {stem}.csv or {stem}.jsonl (or set data.{key}); expected {EXPECTED}. Found: {list_dir(raw_dir)}"
+    )
+
+
+def _read_table(path: Path, id_columns: tuple[str, ...]) -> pd.DataFrame:
+    name = path.name.lower()
+    if name.endswith(CSV_SUFFIXES):
+        # Ids as written ("007" stays "007"); empty cells are missing values.
+        return pd.read_csv(path, dtype={c: "str" for c in id_columns})
+    if name.endswith(JSONL_SUFFIXES):
+        return read_jsonl(path)
+    raise DppmgError(
+        f"{path}: unknown table format; expected a name ending in .csv or .jsonl (optionally .gz)"
+    )
+
+
+def _read_items(path: Path, image_root: Path) -> pd.DataFrame:
+    frame = _read_table(path, ("item_id",))
+    require_columns(frame, ITEM_COLUMNS, path, optional=ITEM_OPTIONAL)
+    _require_values(frame, ("item_id",), path)
+    items = frame.copy()
+    items["item_id"] = ids_to_str(frame["item_id"])
+    for col in ("text", "keywords"):
+        items[col] = frame[col].astype("object").where(frame[col].notna(), None)
+    items["image"] = _image_paths(frame["image"], image_root) if "image" in frame else None
+    extra = [c for c in items.columns if c not in (*ITEM_COLUMNS, "image")]
+    return items[[*ITEM_COLUMNS, "image", *extra]]
+
+
+def _image_paths(values: pd.Series, root: Path) -> pd.Series:
+    """Absolute paths stay, relative ones are joined to `root`; empty cells become None."""
+    out = []
+    for v in values.tolist():
+        if not isinstance(v, str) or not v.strip():
+            out.append(None)
+            continue
+        p = Path(v.strip())
+        out.append(str(p if p.is_absolute() else root / p))
+    return pd.Series(out, index=values.index, dtype="object")
+
+
+def _read_interactions(path: Path) -> pd.DataFrame:
+    frame = _read_table(path, ("user_id", "item_id"))
+    require_columns(frame, INTERACTION_COLUMNS, path, optional=INTERACTION_OPTIONAL)
+    _require_values(frame, INTERACTION_COLUMNS, path)
+    out = pd.DataFrame(
+        {
+            "user_id": ids_to_str(frame["user_id"]),
+            "item_id": ids_to_str(frame["item_id"]),
+            "timestamp": to_seconds(frame["timestamp"], path),
+        }
+    )
+    if "rating" in frame:
+        rating = pd.to_numeric(frame["rating"], errors="coerce")
+        bad = rating.isna() & frame["rating"].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DppmgError(
+                f"{path}: data row {row + 1}: rating {frame['rating'].iat[row]!r} is not a number"
+            )
+        out["rating"] = rating.astype(np.float32)
+    return out
+
+
+def _require_values(frame: pd.DataFrame, columns: tuple[str, ...], path: Path) -> None:
+    for col in columns:
+        missing = frame[col].isna().to_numpy()
+        if missing.any():
+            raise DppmgError(f"{path}: data row {int(np.flatnonzero(missing)[0]) + 1}: {col} is empty")
