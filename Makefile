@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-all lint format data stats bench bench-data clean-venv
+.PHONY: setup test test-all lint format data stats stage1 bench bench-data bench-stage1 clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,10 +44,17 @@ data: $(STAMP)
 stats: $(STAMP)
 	$(DPPMG) data stats $(CONFIG) $(ARGS)
 
-bench: bench-data
+# Prepares the dataset first when it is missing (a no-op when it is up to date).
+stage1: $(STAMP)
+	$(DPPMG) stage1 $(CONFIG) $(ARGS)
+
+bench: bench-data bench-stage1
 
 bench-data: $(STAMP)
 	$(PY) benchmarks/bench_data.py $(ARGS)
+
+bench-stage1: $(STAMP)
+	$(PY) benchmarks/bench_stage1.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

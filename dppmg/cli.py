@@ -47,11 +47,21 @@ def cmd_data_stats(cfg: Config, ns: argparse.Namespace) -> None:
     logger.info("wrote %s and %s", out / "stats.json", out / "sample_items.png")
 
 
+def cmd_stage1(cfg: Config, ns: argparse.Namespace) -> None:
+    from stage1_preference.train import run_stage1
+
+    run_stage1(cfg, progress=not ns.quiet)
+
+
 def cmd_config_show(cfg: Config, ns: argparse.Namespace) -> None:
     print(to_yaml(cfg), end="")
 
 
-COMMANDS: dict[tuple[str, str], tuple[Callable[[Config, argparse.Namespace], None], str]] = {
+COMMANDS: dict[tuple[str, str | None], tuple[Callable[[Config, argparse.Namespace], None], str]] = {
+    ("stage1", None): (
+        cmd_stage1,
+        "train the modal-specific GNN + residual VQ; write metrics and the token checkpoint",
+    ),
     ("data", "prepare"): (cmd_data_prepare, "build the processed dataset, item features and the scorer"),
     ("data", "stats"): (cmd_data_stats, "print dataset statistics; write stats.json and a sample grid PNG"),
     ("config", "show"): (cmd_config_show, "print the resolved config (defaults + file + overrides)"),
@@ -69,16 +79,48 @@ def build_parser() -> argparse.ArgumentParser:
     groups = p.add_subparsers(dest="group", metavar="<command>", required=True)
     by_group: dict[str, argparse._SubParsersAction] = {}
     for (group, name), (_, help_text) in COMMANDS.items():
-        if group not in by_group:
-            gp = groups.add_parser(group, help=f"{group} commands")
-            by_group[group] = gp.add_subparsers(dest="name", metavar="<subcommand>", required=True)
-        sp = by_group[group].add_parser(name, help=help_text, description=help_text)
+        if name is None:
+            sp = groups.add_parser(group, help=help_text, description=help_text)
+        else:
+            if group not in by_group:
+                gp = groups.add_parser(group, help=f"{group} commands")
+                by_group[group] = gp.add_subparsers(dest="name", metavar="<subcommand>", required=True)
+            sp = by_group[group].add_parser(name, help=help_text, description=help_text)
         sp.add_argument(
             "args", nargs="*", metavar="CONFIG.yaml | key=value", help="config file and overrides"
         )
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         sp.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    tokens = groups.add_parser("tokens", help="inspect a token checkpoint").add_subparsers(
+        dest="name", metavar="<subcommand>", required=True
+    )
+    ti = tokens.add_parser("inspect", help="summary of a token checkpoint (runs/<run>/stage1/tokens)")
+    ti.add_argument("path", help="token checkpoint folder (or a run folder)")
+    ts = tokens.add_parser("show", help="one user's tokens, history and nearest codes")
+    ts.add_argument("path", help="token checkpoint folder (or a run folder)")
+    ts.add_argument(
+        "--user", required=True, help="user id as in the source data, or #<index> for a user index"
+    )
     return p
+
+
+def _run_tokens(ns: argparse.Namespace) -> int:
+    from dppmg.tokens import TokenCheckpoint, inspect_text, show_user_text
+
+    try:
+        path = Path(ns.path)
+        if (path / "stage1" / "tokens").is_dir():  # a run folder was given
+            path = path / "stage1" / "tokens"
+        ckpt = TokenCheckpoint.load(path)
+        if ns.name == "inspect":
+            print(inspect_text(ckpt))
+        else:
+            user = int(ns.user[1:]) if ns.user.startswith("#") and ns.user[1:].isdigit() else ns.user
+            print(show_user_text(ckpt, user))
+    except DppmgError as e:
+        print(f"dppmg: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,12 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Options may come after the key=value arguments (`dppmg data prepare cfg.yaml a=1 -q`).
     ns, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-")]
+    unknown = [a for a in extra if a.startswith("-") or ns.group == "tokens"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    setup_logging(getattr(ns, "verbose", False))
+    if ns.group == "tokens":
+        return _run_tokens(ns)
     ns.args = [*ns.args, *extra]
-    setup_logging(ns.verbose)
-    func, _ = COMMANDS[(ns.group, ns.name)]
+    func, _ = COMMANDS[(ns.group, getattr(ns, "name", None))]
     try:
         path, overrides = _config_args(ns.args)
         cfg = load_config(Path(path) if path else None, overrides)

@@ -108,12 +108,64 @@ class FeaturesConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Metrics go to W&B when mode is online/offline; `disabled` is a no-op (the default)."""
+
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "dppmg"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stage1Config:
+    """The modal-specific GNN, the residual-VQ quantizer and their training."""
+
+    modalities: list[str] = field(
+        default_factory=lambda: ["text", "image"]
+    )  # those present in the dataset are used
+    dim: int = 64
+    layers: int = 3  # LightGCN propagation layers
+    item_id_embedding: bool = True  # add a learned id embedding to each modality's projected item features
+    id_branch: bool = False  # an extra collaborative branch over ids only (LightGCN); gets no tokens
+    knn_k: int = 0  # >0: add a per-modality item-item kNN graph (LATTICE / FREEDOM); 0 = off
+    knn_weight: float = 0.5  # share of the item-item graph in the item representation when knn_k > 0
+    # Modal specificity: remove from the text features what the image features predict (item text that
+    # describes the picture would otherwise leak visual taste into the text tokens). Needs both modalities.
+    text_specific: bool = True
+    # A free per-user embedding in each modality branch (LightGCN-style). Off, a user's modality vector is built
+    # only from the features of items around them, so it cannot absorb the other modality's taste.
+    user_embedding: bool = True
+    # Training
+    epochs: int = 60
+    batch_size: int = 4096
+    lr: float = 5e-3
+    reg_weight: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN convention)
+    patience: int = 10  # epochs without a better validation Recall@20 before stopping
+    eval_every: int = 1
+    # Quantizer
+    vq_levels: int = 3
+    vq_codebook_size: int = 256
+    vq_warmup_epochs: int = 5  # epochs of continuous training before the quantizer joins
+    vq_commitment_weight: float = 0.25
+    vq_dead_code_threshold: float = 2.0  # EMA cluster size below which a code is replaced
+    vq_loss_weight: float = 1.0
+    quantized_bpr_weight: float = 1.0  # BPR also on quantized user vectors, so the tokens carry the ranking
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])
+    probe_heldout_fraction: float = 0.2  # users held out when probing tokens for their true preferences
+    overwrite: bool = False  # replace a finished stage 1 of this run_name that had a different config
+    device: str = "cpu"  # cpu | cuda | auto
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_name: str = "default"
     runs_dir: str = "runs"
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -169,6 +221,27 @@ class Config:
             )
         if not 0 < sc.heldout_fraction < 1:
             raise DppmgError(f"features.scorer.heldout_fraction must be in (0, 1), got {sc.heldout_fraction}")
+        st = self.stage1
+        _choice("stage1.device", st.device, ("cpu", "cuda", "auto"))
+        _choice("tracking.mode", self.tracking.mode, ("disabled", "offline", "online"))
+        for m in st.modalities:
+            _choice("stage1.modalities", m, ("text", "image"))
+        for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every"):
+            if getattr(st, key) < 1:
+                raise DppmgError(f"stage1.{key} must be >= 1, got {getattr(st, key)}")
+        if st.epochs <= st.vq_warmup_epochs:
+            raise DppmgError(
+                f"stage1.epochs ({st.epochs}) must exceed stage1.vq_warmup_epochs ({st.vq_warmup_epochs}): "
+                "the tokens come from epochs after the warm-up"
+            )
+        if 20 not in st.ks:
+            raise DppmgError(
+                f"stage1.ks must include 20 (early stopping and metrics.json use Recall@20), got {st.ks}"
+            )
+        if not 0 < st.probe_heldout_fraction < 1:
+            raise DppmgError(
+                f"stage1.probe_heldout_fraction must be in (0, 1), got {st.probe_heldout_fraction}"
+            )
         if not self.run_name or "/" in self.run_name:
             raise DppmgError(f"run_name must be a plain folder name, got {self.run_name!r}")
         return self

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dppmg.errors import DppmgError
+
 # mkstemp creates files readable by their owner only; outputs get the usual permissions instead.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -79,3 +81,29 @@ def commit_dir(staging: Path, final: str | os.PathLike) -> None:
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def finished_with(
+    marker: str | os.PathLike,
+    key: str,
+    fingerprint: str,
+    overwrite: bool,
+    overwrite_key: str,
+    rename_key: str,
+) -> bool:
+    """Whether a finished output (its JSON `marker` file) was built from `fingerprint`: then there is nothing to do.
+
+    A finished output from another config is never silently replaced: without `overwrite` it is an error that
+    says how to replace it or keep both. Returns False when there is no finished output or it may be replaced.
+    """
+    marker = Path(marker)
+    if not marker.is_file():
+        return False
+    if read_json(marker).get(key) == fingerprint:
+        return True
+    if not overwrite:
+        raise DppmgError(
+            f"{marker.parent} already holds a result built from a different config or input. "
+            f"Pass {overwrite_key}=true to replace it, or {rename_key}=<new name> to keep both."
+        )
+    return False

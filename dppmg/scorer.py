@@ -43,6 +43,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from dppmg.config import ScorerConfig
+from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.io import commit_dir, read_json, staging_dir, write_json
 
@@ -64,13 +65,6 @@ RANK_CHUNK = 1024  # texts per similarity block in evaluate_retrieval
 def clean_texts(texts: Iterable[Any]) -> list[str]:
     """Texts as a list of str; None, NaN and pd.NA (missing values) become "" so every item gets a vector."""
     return [t if isinstance(t, str) else "" if t is None or pd.isna(t) else str(t) for t in texts]
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The torch device for a config value: "auto" is cuda when available, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------------------------------

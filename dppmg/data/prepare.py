@@ -25,7 +25,7 @@ from dppmg.data.loaders import load_source
 from dppmg.data.processing import ProcessedTables, process
 from dppmg.data.raw import RawDataset
 from dppmg.errors import DppmgError
-from dppmg.io import commit_dir, read_json, staging_dir, write_text
+from dppmg.io import commit_dir, finished_with, staging_dir, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
 
@@ -34,17 +34,10 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
     """Build `cfg.data.processed_dir`; returns its path."""
     final = cfg.data.processed_dir
     fingerprint = build_fingerprint(cfg)
-    if (final / "meta.json").is_file():
-        old = read_json(final / "meta.json")
-        if old.get("build_fingerprint") == fingerprint:
-            logger.info("%s is up to date (same config and raw files); nothing to do", final)
-            return final
-        if not cfg.data.overwrite:
-            raise DppmgError(
-                f"{final} already holds a dataset built from a different config or different raw files. "
-                "Pass data.overwrite=true to replace it, or data.name=<new name> to keep both."
-            )
-    elif final.exists() and any(final.iterdir()):
+    if finished_with(final / "meta.json", "build_fingerprint", fingerprint, cfg.data.overwrite, "data.overwrite", "data.name"):
+        logger.info("%s is up to date (same config and raw files); nothing to do", final)
+        return final
+    if not (final / "meta.json").is_file() and final.exists() and any(final.iterdir()):
         raise DppmgError(f"{final} exists but is not a processed dataset (no meta.json); move it away first")
 
     t0 = time.perf_counter()

@@ -1,0 +1,347 @@
+"""Stage 1: train the modal-specific GNN with its residual-VQ quantizer, evaluate, export the tokens.
+
+Read top to bottom: `run_stage1` loads the data and resumes or starts a run; `Stage1Trainer` holds the
+phases (`train_epoch`, `validate`, `finalize`); `finalize` writes metrics.json and the token checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dppmg.config import Config, Stage1Config, to_dict, to_yaml
+from dppmg.data.format import ProcessedDataset, load_dataset
+from dppmg.device import resolve_device
+from dppmg.errors import DppmgError
+from dppmg.io import atomic_path, finished_with, write_json, write_text
+from dppmg.log import logger
+from dppmg.seeding import seed_everything
+from dppmg.tokens import save_token_checkpoint
+from dppmg.tracking import build_tracker
+from stage1_preference.evaluate import full_ranking_metrics, preference_recovery
+from stage1_preference.features import residualize
+from stage1_preference.graph import build_knn_graph, build_norm_adj
+from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, sample_bpr, score
+from stage1_preference.quantizer import PreferenceQuantizer, codebook_usage, unique_code_ratio
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the weights."""
+
+    epoch: int = 0  # epochs completed
+    best_recall: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    vq_initialised: bool = False
+    epoch_seconds: list[float] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Stage1Trainer:
+    """The GNN + quantizer on one processed dataset, with the phases of training as methods."""
+
+    def __init__(self, ds: ProcessedDataset, cfg: Stage1Config, seed: int):
+        self.ds, self.cfg, self.seed = ds, cfg, seed
+        self.device = resolve_device(cfg.device)
+        self.modalities = [m for m in cfg.modalities if m in ds.features]
+        if not self.modalities:
+            raise DppmgError(
+                f"stage1.modalities={cfg.modalities} but the dataset at {ds.root} has features for {ds.modalities or 'none'}"
+            )
+        train = ds.split("train")
+        self.train_users = train["user_idx"].to_numpy(
+            np.int64, copy=True
+        )  # writable: torch shares the memory
+        self.train_items = train["item_idx"].to_numpy(np.int64, copy=True)
+        self.adj = build_norm_adj(
+            ds.num_users, ds.num_items, torch.from_numpy(self.train_users), torch.from_numpy(self.train_items)
+        ).to(self.device)
+        feats = {m: torch.tensor(np.asarray(ds.features[m]), dtype=torch.float32) for m in self.modalities}
+        if cfg.text_specific and {"text", "image"} <= feats.keys():
+            feats["text"] = residualize(feats["text"], feats["image"])
+        knn = (
+            {m: build_knn_graph(f, cfg.knn_k).to(self.device) for m, f in feats.items()}
+            if cfg.knn_k > 0
+            else None
+        )
+        self.model = ModalGNN(
+            ds.num_users, ds.num_items, {m: f.to(self.device) for m, f in feats.items()}, dim=cfg.dim,
+            layers=cfg.layers, item_id_embedding=cfg.item_id_embedding, id_branch=cfg.id_branch,
+            knn_graphs=knn, knn_weight=cfg.knn_weight, user_embedding=cfg.user_embedding,
+        ).to(self.device)  # fmt: skip
+        self.quantizer = PreferenceQuantizer(
+            self.modalities, cfg.dim, cfg.vq_levels, cfg.vq_codebook_size,
+            commitment_weight=cfg.vq_commitment_weight, dead_code_threshold=cfg.vq_dead_code_threshold,
+        ).to(self.device)  # fmt: skip
+        params = list(self.model.parameters()) + [p for p in self.quantizer.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.rng = np.random.default_rng(seed)
+        self.state = TrainState()
+
+    # ---- phases -------------------------------------------------------------------------------
+
+    @property
+    def vq_active(self) -> bool:
+        return self.state.epoch >= self.cfg.vq_warmup_epochs
+
+    def _init_quantizer(self) -> None:
+        """k-means initialisation sees every user's vector at once (it initialises on its first batch)."""
+        self.model.eval()
+        with torch.no_grad():
+            emb = self.model(self.adj)
+            self.quantizer.train()
+            for m in self.modalities:
+                self.quantizer(m, emb.users[m])
+        self.state.vq_initialised = True
+
+    def train_epoch(self, progress: bool) -> dict[str, float]:
+        if self.vq_active and not self.state.vq_initialised:
+            self._init_quantizer()
+        self.model.train()
+        self.quantizer.train()
+        u, pos, neg = sample_bpr(self.train_users, self.train_items, self.ds.num_items, self.rng)
+        order = torch.from_numpy(self.rng.permutation(len(u)))
+        u, pos, neg = u[order].to(self.device), pos[order].to(self.device), neg[order].to(self.device)
+        totals = {"loss": 0.0, "bpr": 0.0, "bpr_quantized": 0.0, "vq": 0.0}
+        steps = range(0, len(u), self.cfg.batch_size)
+        for start in tqdm(steps, desc=f"epoch {self.state.epoch + 1}", leave=False, disable=not progress):
+            sl = slice(start, start + self.cfg.batch_size)
+            parts = self._batch_loss(u[sl], pos[sl], neg[sl])
+            self.optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            self.optimizer.step()
+            for k, v in parts.items():
+                totals[k] += float(v.detach())
+        return {f"train/{k}": v / len(steps) for k, v in totals.items()}
+
+    def _batch_loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb = self.model(self.adj)
+        users = {b: e[u] for b, e in emb.users.items()}
+        pos_items = {b: e[pos] for b, e in emb.items.items()}
+        neg_items = {b: e[neg] for b, e in emb.items.items()}
+        bpr = bpr_loss(score(users, pos_items), score(users, neg_items))
+        l0 = self.model.layer0()
+        reg = sum(
+            l0.users[b][u].pow(2).sum() + l0.items[b][pos].pow(2).sum() + l0.items[b][neg].pow(2).sum()
+            for b in l0.users
+        ) / (2 * len(u))
+        loss = bpr + self.cfg.reg_weight * reg
+        parts = {"bpr": bpr.detach()}
+        if self.vq_active:
+            # The tokens must carry the ranking signal themselves: score with quantized user vectors too.
+            # Quantize each distinct user of the batch once (a batch repeats active users many times): less
+            # work, and the codebook's EMA statistics count users, not interactions.
+            uniq, inverse = torch.unique(u, return_inverse=True)
+            quantized, vq_loss = dict(users), torch.zeros((), device=self.device)
+            for m in self.modalities:
+                q = self.quantizer(m, emb.users[m][uniq])
+                quantized[m] = q.quantized[inverse]
+                vq_loss = vq_loss + q.loss
+            bpr_q = bpr_loss(score(quantized, pos_items), score(quantized, neg_items))
+            loss = loss + self.cfg.quantized_bpr_weight * bpr_q + self.cfg.vq_loss_weight * vq_loss
+            parts.update(bpr_quantized=bpr_q.detach(), vq=vq_loss.detach())
+        parts["loss"] = loss  # the caller backpropagates this one; the others are detached for logging
+        return parts
+
+    @torch.no_grad()
+    def embeddings(self) -> tuple[Embeddings, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Continuous embeddings, every user's codes per modality, and the vectors decoded from those codes."""
+        self.model.eval()
+        self.quantizer.eval()
+        emb = self.model(self.adj)
+        codes, decoded = {}, {}
+        if self.state.vq_initialised:
+            for m in self.modalities:
+                q = self.quantizer(m, emb.users[m])
+                codes[m] = q.codes
+                decoded[m] = self.quantizer.decode(m, q.codes)
+        return emb, codes, decoded
+
+    def validate(self) -> dict[str, float]:
+        emb, _, decoded = self.embeddings()
+        ks = self.cfg.ks
+        out = {
+            f"valid/{k}": v
+            for k, v in full_ranking_metrics(emb.users, emb.items, self.ds.interactions, "valid", ks).items()
+        }
+        if decoded:
+            users_q = {**emb.users, **decoded}
+            metrics_q = full_ranking_metrics(users_q, emb.items, self.ds.interactions, "valid", ks)
+            out.update({f"valid/{k}_quantized": v for k, v in metrics_q.items() if k != "users_evaluated"})
+        return out
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "quantizer": self.quantizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": self.state.__dict__,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.model.load_state_dict(sd["model"])
+        self.quantizer.load_state_dict(sd["quantizer"])
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.state = TrainState(**sd["state"])
+        self.rng.bit_generator.state = sd["rng"]
+        torch.set_rng_state(sd["torch_rng"])
+
+
+def stage1_fingerprint(cfg: Config, content_hash: str) -> str:
+    s1 = {k: v for k, v in to_dict(cfg.stage1).items() if k not in ("overwrite", "device")}
+    blob = json.dumps({"stage1": s1, "seed": cfg.seed, "dataset": content_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_stage1(cfg: Config, progress: bool = True) -> Path:
+    """Train (or resume) stage 1 for `cfg.run_name`; returns the stage-1 folder."""
+    from dppmg.data.prepare import prepare
+
+    ds = load_dataset(prepare(cfg, progress=progress))
+    out = cfg.run_dir / "stage1"
+    fingerprint = stage1_fingerprint(cfg, ds.meta["content_hash"])
+    if finished_with(
+        out / "metrics.json", "fingerprint", fingerprint, cfg.stage1.overwrite, "stage1.overwrite", "run_name"
+    ):
+        logger.info("%s is complete for this config; nothing to do", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.seed)
+    trainer = Stage1Trainer(ds, cfg.stage1, cfg.seed)
+    ckpt, best = out / "checkpoint.pt", out / "best.pt"
+    if ckpt.is_file():
+        sd = torch.load(ckpt, weights_only=False)
+        if sd.get("fingerprint") == fingerprint:
+            trainer.load_state_dict(sd)
+            logger.info("resuming stage 1 from epoch %d (%s)", trainer.state.epoch, ckpt)
+        else:
+            logger.info("ignoring %s: it was written by a different config", ckpt)
+    logger.info(
+        "stage 1 on %s: %s, %d users, %d items",
+        ds.root,
+        "+".join(trainer.modalities),
+        ds.num_users,
+        ds.num_items,
+    )
+    tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="stage1")
+    try:
+        _fit(trainer, tracker, ckpt, best, fingerprint, progress)
+        metrics = finalize(trainer, best, out, cfg, fingerprint)
+        tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    finally:
+        tracker.finish()
+    return out
+
+
+def _fit(trainer: Stage1Trainer, tracker, ckpt: Path, best: Path, fingerprint: str, progress: bool) -> None:
+    cfg, st = trainer.cfg, trainer.state
+    bar = tqdm(total=cfg.epochs, initial=st.epoch, desc="stage 1", unit="epoch", disable=not progress)
+    while st.epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        logs = trainer.train_epoch(progress)
+        st.epoch_seconds.append(time.perf_counter() - t0)
+        st.epoch += 1
+        if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs:
+            logs.update(trainer.validate())
+            recall = logs["valid/recall@20"]
+            # Only epochs with a trained quantizer can be the best: the tokens are the product.
+            if st.vq_initialised and recall > st.best_recall:
+                st.best_recall, st.best_epoch, st.bad_epochs = recall, st.epoch, 0
+                with atomic_path(best) as tmp:
+                    torch.save(
+                        {"model": trainer.model.state_dict(), "quantizer": trainer.quantizer.state_dict()},
+                        tmp,
+                    )
+            elif st.vq_initialised:
+                st.bad_epochs += cfg.eval_every
+        st.history.append({"epoch": st.epoch, **logs})
+        tracker.log(logs, step=st.epoch)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{logs['train/loss']:.4f}", r20=f"{logs.get('valid/recall@20', float('nan')):.4f}",
+            r20q=f"{logs.get('valid/recall@20_quantized', float('nan')):.4f}",
+        )  # fmt: skip
+        sd = trainer.state_dict()
+        sd["fingerprint"] = fingerprint
+        with atomic_path(ckpt) as tmp:
+            torch.save(sd, tmp)
+        if st.vq_initialised and st.bad_epochs >= cfg.patience:
+            logger.info(
+                "early stop at epoch %d: best valid recall@20 %.4f at epoch %d",
+                st.epoch,
+                st.best_recall,
+                st.best_epoch,
+            )
+            break
+    bar.close()
+
+
+def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerprint: str) -> dict[str, Any]:
+    """Test metrics with continuous and token vectors, codebook statistics, recovery; write the token checkpoint."""
+    if not best.is_file():
+        raise DppmgError(
+            f"stage 1 produced no checkpoint with a trained quantizer: stage1.epochs={cfg.stage1.epochs} must exceed "
+            f"stage1.vq_warmup_epochs={cfg.stage1.vq_warmup_epochs}"
+        )
+    sd = torch.load(best, weights_only=False)
+    trainer.model.load_state_dict(sd["model"])
+    trainer.quantizer.load_state_dict(sd["quantizer"])
+    ds, s1 = trainer.ds, cfg.stage1
+    emb, codes, decoded = trainer.embeddings()
+    cont = full_ranking_metrics(emb.users, emb.items, ds.interactions, "test", s1.ks)
+    quant = full_ranking_metrics({**emb.users, **decoded}, emb.items, ds.interactions, "test", s1.ks)
+    st = trainer.state
+    metrics: dict[str, Any] = {k: v for k, v in cont.items()}
+    metrics.update({f"{k}_quantized": v for k, v in quant.items() if k != "users_evaluated"})
+    metrics["quantized_over_continuous_recall@20"] = quant["recall@20"] / max(cont["recall@20"], 1e-12)
+    metrics["codebook_usage"] = {m: codebook_usage(codes[m], s1.vq_codebook_size) for m in trainer.modalities}
+    all_codes = torch.cat([codes[m] for m in trainer.modalities], dim=1)
+    metrics["unique_code_ratio"] = unique_code_ratio(all_codes)
+    metrics["unique_code_ratio_per_modality"] = {m: unique_code_ratio(codes[m]) for m in trainer.modalities}
+    metrics["epoch_seconds"] = float(np.mean(st.epoch_seconds)) if st.epoch_seconds else None
+    metrics["best_epoch"], metrics["epochs_run"], metrics["best_valid_recall@20"] = (
+        st.best_epoch,
+        st.epoch,
+        st.best_recall,
+    )
+    if any(c.startswith("pref_") for c in ds.users.columns):
+        metrics["preference_recovery"] = preference_recovery(
+            {m: decoded[m].cpu() for m in trainer.modalities}, ds.users, s1.probe_heldout_fraction, cfg.seed
+        )
+    metrics["dataset"] = {"name": ds.meta.get("name"), "content_hash": ds.meta["content_hash"]}
+    metrics["fingerprint"] = fingerprint
+    save_token_checkpoint(
+        out / "tokens",
+        codebooks={m: trainer.quantizer.codebooks(m).detach().cpu() for m in trainer.modalities},
+        codes={m: c.cpu() for m, c in codes.items()},
+        user_vectors={m: emb.users[m].cpu() for m in trainer.modalities},
+        user_ids=ds.users["user_id"].astype(str).tolist(),
+        dataset={
+            "name": ds.meta.get("name"), "path": str(ds.root.resolve()), "content_hash": ds.meta["content_hash"],
+            "num_users": ds.num_users, "num_items": ds.num_items,
+        },
+        config=to_dict(cfg),
+        metrics={k: v for k, v in metrics.items() if k != "fingerprint"},
+    )  # fmt: skip
+    write_json(out / "history.json", st.history)
+    write_json(out / "metrics.json", metrics)
+    logger.info(
+        "stage 1 test: recall@20 %.4f, quantized %.4f (%.2f×), ndcg@20 %.4f; unique code ratio %.3f; %s",
+        cont["recall@20"], quant["recall@20"], metrics["quantized_over_continuous_recall@20"], cont["ndcg@20"],
+        metrics["unique_code_ratio"], out,
+    )  # fmt: skip
+    return metrics

@@ -1,0 +1,135 @@
+"""Stage 1 end to end on the debug world: metrics contract, token checkpoint, resume, rerun rules."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dppmg.config import load_config
+from dppmg.errors import DppmgError
+from dppmg.io import read_json
+from dppmg.tokens import TokenCheckpoint
+from stage1_preference import train as train_mod
+from stage1_preference.train import run_stage1
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["stage1.epochs=6", "stage1.vq_warmup_epochs=2", "stage1.vq_codebook_size=16", "stage1.batch_size=128"]
+
+
+def cfg_for(tmp: Path, *overrides):
+    return load_config(
+        REPO / "configs" / "debug.yaml",
+        [
+            f"data.root={tmp / 'data'}",
+            f"features.cache_dir={tmp / 'cache'}",
+            f"runs_dir={tmp / 'runs'}",
+            *FAST,
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("s1")
+    cfg = cfg_for(tmp)
+    return tmp, cfg, run_stage1(cfg, progress=False)
+
+
+def test_metrics_follow_the_contract(finished):
+    _, cfg, out = finished
+    m = read_json(out / "metrics.json")
+    for key in ("recall@20", "ndcg@20", "recall@20_quantized", "ndcg@20_quantized", "codebook_usage",
+                "unique_code_ratio", "epoch_seconds", "preference_recovery"):  # fmt: skip
+        assert key in m, key
+    assert set(m["codebook_usage"]) == {"text", "image"}
+    assert all(
+        len(v) == cfg.stage1.vq_levels and all(0 < u <= 1 for u in v) for v in m["codebook_usage"].values()
+    )
+    assert 0 <= m["recall@20"] <= 1 and 0 < m["unique_code_ratio"] <= 1
+    assert set(m["preference_recovery"]) == {"text", "image"}
+    assert (out / "config.yaml").is_file() and (out / "history.json").is_file()
+
+
+def test_token_checkpoint_matches_the_run(finished):
+    _, cfg, out = finished
+    ckpt = TokenCheckpoint.load(out / "tokens")
+    assert sorted(ckpt.modalities) == ["image", "text"]
+    assert ckpt.num_users == cfg.data.synthetic.n_users
+    assert (
+        ckpt.levels("text") == cfg.stage1.vq_levels
+        and ckpt.codebook_size("text") == cfg.stage1.vq_codebook_size
+    )
+    toks = ckpt.user_tokens(0, "text")
+    assert len(toks) == cfg.stage1.vq_levels and toks[0].startswith("<pt_0_")
+    assert ckpt.user_tokens(0, "image")[0].startswith("<pi_0_")
+    ds_meta = read_json(Path(ckpt.manifest["dataset"]["path"]) / "meta.json")
+    ckpt.check_compatible(ds_meta["content_hash"])  # same dataset: no error
+    with pytest.raises(DppmgError, match="hash"):
+        ckpt.check_compatible("0" * 16)
+
+
+def test_rerun_is_noop_and_other_config_needs_overwrite(finished):
+    tmp, cfg, out = finished
+    before = (out / "metrics.json").stat().st_mtime_ns
+    run_stage1(cfg, progress=False)
+    assert (out / "metrics.json").stat().st_mtime_ns == before
+    with pytest.raises(DppmgError, match="overwrite"):
+        run_stage1(cfg_for(tmp, "stage1.dim=16"), progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    straight = run_stage1(cfg_for(tmp_path, "run_name=straight"), progress=False)
+
+    calls = {"n": 0}
+    real_validate = train_mod.Stage1Trainer.validate
+
+    def crash_after_four(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during epoch 4's evaluation
+        return real_validate(self)
+
+    monkeypatch.setattr(train_mod.Stage1Trainer, "validate", crash_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage1(cfg_for(tmp_path, "run_name=resumed"), progress=False)
+    monkeypatch.setattr(train_mod.Stage1Trainer, "validate", real_validate)
+    ckpt = torch.load(tmp_path / "runs" / "resumed" / "stage1" / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["epoch"] == 3  # three epochs finished before the interruption
+    resumed = run_stage1(cfg_for(tmp_path, "run_name=resumed"), progress=False)
+    a, b = read_json(straight / "metrics.json"), read_json(resumed / "metrics.json")
+    assert a["epochs_run"] == b["epochs_run"] == 6
+    assert (
+        a["recall@20"] == pytest.approx(b["recall@20"]) and a["unique_code_ratio"] == b["unique_code_ratio"]
+    )
+    ta, tb = TokenCheckpoint.load(straight / "tokens"), TokenCheckpoint.load(resumed / "tokens")
+    assert torch.equal(ta.codes["text"], tb.codes["text"])
+
+
+def test_too_few_epochs_for_the_quantizer(tmp_path):
+    with pytest.raises(DppmgError, match="vq_warmup_epochs"):
+        cfg_for(tmp_path, "stage1.epochs=2", "stage1.vq_warmup_epochs=5")
+
+
+def test_tokens_cli_inspect_and_show(finished):
+    import subprocess
+    import sys
+
+    _, _, out = finished
+    run_dir = out.parent
+    r = subprocess.run(
+        [sys.executable, "-m", "dppmg", "tokens", "inspect", str(run_dir)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "text" in r.stdout and "image" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "dppmg", "tokens", "show", str(out / "tokens"), "--user", "user_00003"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "<pt_0_" in r.stdout and "<pi_0_" in r.stdout and "pref_text_style" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "-m", "dppmg", "tokens", "show", str(out / "tokens"), "--user", "nobody"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nobody" in r.stderr
