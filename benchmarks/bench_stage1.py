@@ -166,7 +166,7 @@ def _scaling_one(interactions: int, epochs: int, seed: int) -> dict:
     tr.validate()
     eval_s = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"interactions": len(t.interactions), "users": len(t.users), "items": len(t.items),
+    return {"interactions": len(t.interactions), "users": len(t.users), "items": len(t.items), "batch": tr.batch_size,
             "epoch_seconds": float(np.mean(times)), "eval_seconds": eval_s, "peak_mb": peak}  # fmt: skip
 
 
@@ -186,7 +186,7 @@ def scaling(sizes: list[int], epochs: int, seed: int) -> None:
                 print(f"{n:>12,} failed: {type(e).__name__}: {e}")
                 continue
         per_m = r["epoch_seconds"] / (r["interactions"] / 1e6)
-        print(f"{r['interactions']:>12,} {r['users']:>8,} {r['items']:>7,} {r['epoch_seconds']:>9.2f} {per_m:>9.2f} "
+        print(f"{r['interactions']:>12,} {r['users']:>8,} {r['items']:>7,} {r['batch']:>7,} {r['epoch_seconds']:>9.2f} {per_m:>9.2f} "
               f"{r['eval_seconds']:>13.2f} {r['peak_mb']:>12.0f}")  # fmt: skip
 
 
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     compare("default synthetic world", load_dataset(prepare(cfg, progress=False)), cfg, args.epochs)
     if ML_SMALL.is_dir():
         ml = load_config(
-            REPO / "configs" / "movielens.yaml", [f"data.raw_dir={ML_SMALL}", "data.name=bench-movielens"]
+            REPO / "configs" / "movielens.yaml",
+            [f"data.raw_dir={ML_SMALL}", "data.name=bench-movielens", "data.overwrite=true"],
         )
         compare("MovieLens ml-latest-small", load_dataset(prepare(ml, progress=False)), ml, args.epochs)
     else:

@@ -28,8 +28,10 @@ class SyntheticConfig:
     image_size: int = 32
     # Choice model: utility = image_weight·match(image taste) + text_weight·match(text taste)
     #                         + popularity_weight·log-popularity + temperature·Gumbel noise.
+    # Each weight multiplies the *share* of that modality's attributes that match (2 visual, 3 textual), so 2 and 3
+    # give every single attribute the same pull (1.0): neither modality's taste is the easier one to learn.
     image_weight: float = 2.0
-    text_weight: float = 2.0
+    text_weight: float = 3.0
     popularity_weight: float = 0.25
     temperature: float = 0.5
     # How often an item's text names each of its visual attributes (real product text mentions colour
@@ -139,6 +141,9 @@ class Stage1Config:
     # Training
     epochs: int = 60
     batch_size: int = 4096
+    # Every step propagates the whole graph, so a fixed batch makes an epoch O(E²); above this many steps the batch
+    # grows instead (O(E) epochs on large graphs). 0 = never grow. The default world and ml-latest-small stay below.
+    max_steps_per_epoch: int = 16
     lr: float = 5e-3
     reg_weight: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN convention)
     patience: int = 10  # epochs without a better validation Recall@20 before stopping
@@ -229,6 +234,10 @@ class Config:
         for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every"):
             if getattr(st, key) < 1:
                 raise DppmgError(f"stage1.{key} must be >= 1, got {getattr(st, key)}")
+        if st.max_steps_per_epoch < 0:
+            raise DppmgError(
+                f"stage1.max_steps_per_epoch must be >= 0 (0 = off), got {st.max_steps_per_epoch}"
+            )
         if st.epochs <= st.vq_warmup_epochs:
             raise DppmgError(
                 f"stage1.epochs ({st.epochs}) must exceed stage1.vq_warmup_epochs ({st.vq_warmup_epochs}): "

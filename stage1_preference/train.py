@@ -87,6 +87,16 @@ class Stage1Trainer:
         self.rng = np.random.default_rng(seed)
         self.state = TrainState()
 
+    @property
+    def batch_size(self) -> int:
+        """stage1.batch_size, grown so that an epoch makes at most stage1.max_steps_per_epoch steps.
+
+        Every step propagates the whole graph (O(E)), so with a fixed batch an epoch costs O(E²/batch); bounding
+        the steps keeps it O(E) on large graphs. Small datasets never reach the bound.
+        """
+        n, cap = len(self.train_users), self.cfg.max_steps_per_epoch
+        return max(self.cfg.batch_size, -(-n // cap)) if cap > 0 else self.cfg.batch_size
+
     # ---- phases -------------------------------------------------------------------------------
 
     @property
@@ -112,9 +122,10 @@ class Stage1Trainer:
         order = torch.from_numpy(self.rng.permutation(len(u)))
         u, pos, neg = u[order].to(self.device), pos[order].to(self.device), neg[order].to(self.device)
         totals = {"loss": 0.0, "bpr": 0.0, "bpr_quantized": 0.0, "vq": 0.0}
-        steps = range(0, len(u), self.cfg.batch_size)
+        batch = self.batch_size
+        steps = range(0, len(u), batch)
         for start in tqdm(steps, desc=f"epoch {self.state.epoch + 1}", leave=False, disable=not progress):
-            sl = slice(start, start + self.cfg.batch_size)
+            sl = slice(start, start + batch)
             parts = self._batch_loss(u[sl], pos[sl], neg[sl])
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()

@@ -180,3 +180,14 @@ def test_prepare_movielens_latest_small(tmp_path):
     assert ds.interactions.groupby("item_idx").size().min() >= 5
     assert (ds.split("test").groupby("user_idx").size() == 1).all()
     assert ds.items["keywords"].str.len().gt(0).all()
+
+
+def test_fingerprint_ignores_world_settings_for_real_sources(tmp_path):
+    from dppmg.data.prepare import build_fingerprint
+
+    base = ["data.source=custom", f"data.raw_dir={tmp_path}"]
+    a = build_fingerprint(load_config(None, base))
+    assert a == build_fingerprint(load_config(None, [*base, "data.synthetic.text_weight=9"]))
+    assert a != build_fingerprint(load_config(None, [*base, "data.rating_threshold=4"]))
+    syn = build_fingerprint(load_config(None, []))
+    assert syn != build_fingerprint(load_config(None, ["data.synthetic.text_weight=9"]))

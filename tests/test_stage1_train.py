@@ -133,3 +133,20 @@ def test_tokens_cli_inspect_and_show(finished):
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nobody" in r.stderr
+
+
+def test_batch_grows_only_past_the_step_bound(finished):
+    from dppmg.data.format import load_dataset
+    from stage1_preference.train import Stage1Trainer
+
+    tmp, cfg, _ = finished
+    ds = load_dataset(cfg.data.processed_dir)
+    n = len(ds.split("train"))
+    small = Stage1Trainer(
+        ds, cfg_for(tmp, "stage1.batch_size=64", "stage1.max_steps_per_epoch=1000").stage1, 0
+    )
+    assert small.batch_size == 64  # n / 64 steps is under the bound: the configured batch stands
+    capped = Stage1Trainer(ds, cfg_for(tmp, "stage1.batch_size=8", "stage1.max_steps_per_epoch=4").stage1, 0)
+    assert capped.batch_size == -(-n // 4) and -(-n // capped.batch_size) <= 4
+    off = Stage1Trainer(ds, cfg_for(tmp, "stage1.batch_size=8", "stage1.max_steps_per_epoch=0").stage1, 0)
+    assert off.batch_size == 8

@@ -177,6 +177,8 @@ def build_fingerprint(cfg: Config) -> str:
     for section in ("data", "features"):
         d = to_dict(getattr(cfg, section))
         parts[section] = {k: v for k, v in d.items() if k not in _IGNORED_KEYS[section]}
+    if cfg.data.source != "synthetic":
+        del parts["data"]["synthetic"]  # the world's settings do not shape a real dataset
     parts["raw_files"] = _raw_files_signature(cfg)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -1,0 +1,1 @@
+"""Stage 2: generators, token injection, scorer and rewards, grounding, RL, generation, gallery, evaluation."""
