@@ -144,3 +144,9 @@ def unique_code_ratio(codes: torch.Tensor) -> float:
     if len(codes) == 0:
         raise DppmgError("unique_code_ratio of an empty set of codes is undefined")
     return len(torch.unique(codes, dim=0)) / len(codes)
+
+
+def users_sharing_tuple(codes: torch.Tensor) -> int:
+    """How many rows of codes [N, L] have a tuple that at least one other row also has (collisions)."""
+    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+    return int((counts[inverse] > 1).sum())

@@ -30,7 +30,12 @@ from stage1_preference.evaluate import full_ranking_metrics, preference_recovery
 from stage1_preference.features import residualize
 from stage1_preference.graph import build_knn_graph, build_norm_adj
 from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, sample_bpr, score
-from stage1_preference.quantizer import PreferenceQuantizer, codebook_usage, unique_code_ratio
+from stage1_preference.quantizer import (
+    PreferenceQuantizer,
+    codebook_usage,
+    unique_code_ratio,
+    users_sharing_tuple,
+)
 
 
 @dataclass
@@ -323,6 +328,8 @@ def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerp
     all_codes = torch.cat([codes[m] for m in trainer.modalities], dim=1)
     metrics["unique_code_ratio"] = unique_code_ratio(all_codes)
     metrics["unique_code_ratio_per_modality"] = {m: unique_code_ratio(codes[m]) for m in trainer.modalities}
+    # Users whose whole token tuple is shared with another user: stage 2 cannot tell them apart by tokens.
+    metrics["users_sharing_tuple"] = {m: users_sharing_tuple(codes[m]) for m in trainer.modalities}
     metrics["epoch_seconds"] = float(np.mean(st.epoch_seconds)) if st.epoch_seconds else None
     metrics["best_epoch"], metrics["epochs_run"], metrics["best_valid_recall@20"] = (
         st.best_epoch,

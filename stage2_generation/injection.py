@@ -319,18 +319,23 @@ def save_injected(path: str | Path, injected: Sequence[InjectedTokens]) -> None:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors file; a DppmgError naming the file when it cannot be read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as e:
+        raise DppmgError(f"{path}: cannot read {what}: {e}") from None
+
+
 def load_injected(path: str | Path, injected: Sequence[InjectedTokens]) -> None:
     """Load parameters written by `save_injected` into `injected` (fresh injections of the same checkpoint).
 
     The parameters are copied in place, so optimizers that already hold them stay valid.
     """
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise DppmgError(f"{path}: cannot read token parameters: {e}") from None
+    tensors, metadata = _read_safetensors(path, "token parameters")
     if metadata.get("kind") != KIND or metadata.get("format_version") != str(FORMAT_VERSION):
         raise DppmgError(
             f"{path}: not a DPPMG token-parameter file (kind {metadata.get('kind')!r}, format "
@@ -452,12 +457,7 @@ def load_exported_tokens(
     head suppresses the tokens in `generate`. No hooks, nothing trainable. Returns the tokens' ids, [N].
     """
     rows_file = Path(rows_file)
-    try:
-        with safe_open(str(rows_file), framework="pt") as f:
-            metadata = f.metadata() or {}
-        rows = load_file(str(rows_file))
-    except (SafetensorError, OSError) as e:
-        raise DppmgError(f"{rows_file}: cannot read token rows: {e}") from None
+    rows, metadata = _read_safetensors(rows_file, "token rows")
     strings = json.loads(metadata["token_strings"]) if "token_strings" in metadata else list(rows)
     vocab = tokenizer.get_vocab()
     missing = [s for s in strings if s not in vocab]

@@ -40,7 +40,7 @@ def test_metrics_follow_the_contract(finished):
     _, cfg, out = finished
     m = read_json(out / "metrics.json")
     for key in ("recall@20", "ndcg@20", "recall@20_quantized", "ndcg@20_quantized", "codebook_usage",
-                "unique_code_ratio", "epoch_seconds", "preference_recovery"):  # fmt: skip
+                "unique_code_ratio", "epoch_seconds", "preference_recovery", "users_sharing_tuple"):  # fmt: skip
         assert key in m, key
     assert set(m["codebook_usage"]) == {"text", "image"}
     assert all(
