@@ -155,6 +155,9 @@ class Stage1Config:
     vq_commitment_weight: float = 0.25
     vq_dead_code_threshold: float = 2.0  # EMA cluster size below which a code is replaced
     vq_loss_weight: float = 1.0
+    # Users whose whole tuple collides are always counted; with this on, the token checkpoint gets one more level
+    # whose code is the user's rank among the users sharing the tuple, so every user has distinct tokens.
+    collision_level: bool = False
     quantized_bpr_weight: float = 1.0  # BPR also on quantized user vectors, so the tokens carry the ranking
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])
     probe_heldout_fraction: float = 0.2  # users held out when probing tokens for their true preferences

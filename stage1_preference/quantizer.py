@@ -150,3 +150,32 @@ def users_sharing_tuple(codes: torch.Tensor) -> int:
     """How many rows of codes [N, L] have a tuple that at least one other row also has (collisions)."""
     _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
     return int((counts[inverse] > 1).sum())
+
+
+def collision_index(codes: torch.Tensor) -> torch.Tensor:
+    """For codes [N, L]: each row's rank among the rows with the same tuple (0 for the first, or a unique row).
+
+    Appended as an extra level, it gives every user a distinct token tuple (as TIGER does for item semantic ids).
+    """
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    order = torch.argsort(inverse, stable=True)  # rows grouped by tuple, in row order within a group
+    sorted_groups = inverse[order]
+    starts = torch.ones_like(sorted_groups, dtype=torch.bool)
+    starts[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    position = torch.arange(len(codes), device=codes.device)
+    group_start = torch.cummax(torch.where(starts, position, torch.zeros_like(position)), dim=0).values
+    rank = torch.empty_like(position)
+    rank[order] = position - group_start
+    return rank
+
+
+def disambiguation_codebook(codebooks: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """[K, d] vectors for the extra collision level: fixed random directions at the last level's mean code norm.
+
+    They carry no preference (only which of several identical users this is); small and distinct, so a projection
+    in stage 2 can tell the tokens apart without disturbing what the real levels say.
+    """
+    last = codebooks[-1]  # (K, d)
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(last.shape, generator=g), dim=-1)
+    return directions.to(last) * last.norm(dim=-1).mean()

@@ -33,6 +33,8 @@ from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, sample_bpr, 
 from stage1_preference.quantizer import (
     PreferenceQuantizer,
     codebook_usage,
+    collision_index,
+    disambiguation_codebook,
     unique_code_ratio,
     users_sharing_tuple,
 )
@@ -342,10 +344,15 @@ def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerp
         )
     metrics["dataset"] = {"name": ds.meta.get("name"), "content_hash": ds.meta["content_hash"]}
     metrics["fingerprint"] = fingerprint
+    codebooks = {m: trainer.quantizer.codebooks(m).detach().cpu() for m in trainer.modalities}
+    codes = {m: c.cpu() for m, c in codes.items()}
+    if s1.collision_level:
+        codebooks, codes = _add_collision_level(codebooks, codes, cfg.seed)
+        metrics["token_levels"] = {m: c.shape[1] for m, c in codes.items()}
     save_token_checkpoint(
         out / "tokens",
-        codebooks={m: trainer.quantizer.codebooks(m).detach().cpu() for m in trainer.modalities},
-        codes={m: c.cpu() for m, c in codes.items()},
+        codebooks=codebooks,
+        codes=codes,
         user_vectors={m: emb.users[m].cpu() for m in trainer.modalities},
         user_ids=ds.users["user_id"].astype(str).tolist(),
         dataset={
@@ -363,3 +370,21 @@ def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerp
         metrics["unique_code_ratio"], out,
     )  # fmt: skip
     return metrics
+
+
+def _add_collision_level(
+    codebooks: dict[str, torch.Tensor], codes: dict[str, torch.Tensor], seed: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Append the collision level: codes [U, L] -> [U, L+1], codebooks [L, K, d] -> [L+1, K, d]."""
+    new_books, new_codes = {}, {}
+    for m, c in codes.items():
+        rank = collision_index(c)
+        size = codebooks[m].shape[1]
+        if int(rank.max()) >= size:
+            raise DppmgError(
+                f"{int(rank.max()) + 1} users share one {m} token tuple, more than the codebook size {size}: "
+                "raise stage1.vq_codebook_size or stage1.vq_levels"
+            )
+        new_codes[m] = torch.cat([c, rank[:, None]], dim=1)
+        new_books[m] = torch.cat([codebooks[m], disambiguation_codebook(codebooks[m], seed)[None]], dim=0)
+    return new_books, new_codes

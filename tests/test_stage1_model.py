@@ -342,3 +342,23 @@ def test_users_sharing_tuple_counts_collisions():
     codes = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 3], [3, 4], [5, 5]])
     assert users_sharing_tuple(codes) == 4  # rows 0, 1 share (1, 2); rows 2, 4 share (3, 4)
     assert users_sharing_tuple(torch.tensor([[0], [1], [2]])) == 0
+
+
+def test_collision_index_makes_tuples_unique():
+    from stage1_preference.quantizer import collision_index
+
+    codes = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [3, 4], [5, 5]])
+    rank = collision_index(codes)
+    assert rank.tolist() == [0, 1, 0, 2, 1, 0]
+    extended = torch.cat([codes, rank[:, None]], dim=1)
+    assert len(torch.unique(extended, dim=0)) == len(codes)
+
+
+def test_disambiguation_codebook_scale():
+    from stage1_preference.quantizer import disambiguation_codebook
+
+    books = torch.randn(3, 16, 8)
+    extra = disambiguation_codebook(books, seed=1)
+    assert extra.shape == (16, 8)
+    assert torch.allclose(extra.norm(dim=-1), books[-1].norm(dim=-1).mean().expand(16), atol=1e-5)
+    assert torch.equal(extra, disambiguation_codebook(books, seed=1))

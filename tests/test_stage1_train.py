@@ -150,3 +150,38 @@ def test_batch_grows_only_past_the_step_bound(finished):
     assert capped.batch_size == -(-n // 4) and -(-n // capped.batch_size) <= 4
     off = Stage1Trainer(ds, cfg_for(tmp, "stage1.batch_size=8", "stage1.max_steps_per_epoch=0").stage1, 0)
     assert off.batch_size == 8
+
+
+def test_collision_level_gives_every_user_distinct_tokens(tmp_path):
+    # One level of 16 codes cannot give 40 users distinct tuples (pigeonhole): the extra level must.
+    out = run_stage1(
+        cfg_for(
+            tmp_path,
+            "stage1.collision_level=true",
+            "stage1.vq_levels=1",
+            "stage1.vq_codebook_size=16",
+            "stage1.dim=8",
+        ),  # fmt: skip
+        progress=False,
+    )
+    m = read_json(out / "metrics.json")
+    assert m["users_sharing_tuple"]["text"] > 0  # collisions before the extra level
+    ckpt = TokenCheckpoint.load(out / "tokens")
+    assert ckpt.levels("text") == 2 and m["token_levels"]["text"] == 2
+    for mod in ("text", "image"):
+        assert len(torch.unique(ckpt.codes[mod], dim=0)) == ckpt.num_users
+
+
+def test_collision_level_too_small_codebook_is_a_clear_error(tmp_path):
+    # 40 users over 2 codes: some tuple holds at least 20 users, more than the 2 ranks the extra level can hold.
+    with pytest.raises(DppmgError, match="vq_codebook_size"):
+        run_stage1(
+            cfg_for(
+                tmp_path,
+                "stage1.collision_level=true",
+                "stage1.vq_levels=1",
+                "stage1.vq_codebook_size=2",
+                "stage1.dim=8",
+            ),  # fmt: skip
+            progress=False,
+        )
