@@ -166,6 +166,49 @@ class Stage1Config:
 
 
 @dataclass
+class GeneratorConfig:
+    """Stage 2's generators: pretrained ones named by hub id or folder, or tiny ones built from these sizes.
+
+    The tiny text generator is a GPT-2 with a byte-level BPE tokenizer over the dataset's texts. The tiny image
+    generator is a Stable-Diffusion pipeline in pixel space (no VAE: at 32 px a VAE would only blur): a CLIP text
+    encoder with a word-level tokenizer, a UNet conditioned on it by cross-attention, and a DDIM scheduler.
+    """
+
+    text_model: str | None = None  # causal LM (hub id or local folder); None builds the tiny GPT-2 below
+    text_vocab: int = 4000  # tiny LM's BPE vocabulary with its special tokens (preference tokens come on top)
+    text_max_length: int = 64  # tiny LM's positions: prompt + generated tokens must fit
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    image_pipeline: str | None = None  # Stable-Diffusion pipeline (hub id or folder); None = the tiny one
+    image_size: int = 32  # tiny pipeline's side in pixels; each UNet level halves it
+    # One UNet level per entry. Cross-attention sits at every level but the first (full-resolution) one:
+    # at 32 px that is 16 and 8 px, since attention at 32 px triples the cost (REFERENCE.md).
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4  # attention heads in the UNet's transformer blocks; must divide their channels
+    text_encoder_vocab: int = 2000  # tiny CLIP text encoder's word-level vocabulary, special tokens excluded
+    text_encoder_max_length: int = 32  # tokens per image prompt (the pipeline pads every prompt to this)
+    text_encoder_dim: int = 64  # also the UNet's cross-attention width (it attends to these hidden states)
+    text_encoder_layers: int = 2
+    text_encoder_heads: int = 2
+    scheduler_steps: int = 1000  # diffusion training timesteps
+    # Noise schedule of the tiny pipeline: DDPM's linear betas, the usual choice for pixel-space 32 px models.
+    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    clip_sample: bool = True  # clip each DDIM step's predicted image to [-1, 1] (pixel space's range)
+    device: str = "cpu"  # cpu | cuda | auto
+
+
+@dataclass
+class Stage2Config:
+    """Stage 2: generators, token injection, grounding, RL, generation."""
+
+    generators: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
 class Config:
     seed: int = 0
     run_name: str = "default"
@@ -173,6 +216,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -256,7 +300,49 @@ class Config:
             )
         if not self.run_name or "/" in self.run_name:
             raise DppmgError(f"run_name must be a plain folder name, got {self.run_name!r}")
+        _validate_generators(self.stage2.generators)
         return self
+
+
+def _validate_generators(g: GeneratorConfig) -> None:
+    key = "stage2.generators"
+    _choice(f"{key}.device", g.device, ("cpu", "cuda", "auto"))
+    _choice(f"{key}.beta_schedule", g.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+    sizes = (
+        "text_vocab", "text_max_length", "text_dim", "text_layers", "text_heads", "image_size",
+        "unet_layers_per_block", "unet_heads", "text_encoder_vocab", "text_encoder_max_length",
+        "text_encoder_dim", "text_encoder_layers", "text_encoder_heads", "scheduler_steps",
+    )  # fmt: skip
+    for name in sizes:
+        if getattr(g, name) < 1:
+            raise DppmgError(f"{key}.{name} must be >= 1, got {getattr(g, name)}")
+    if len(g.unet_channels) < 2 or any(c < 1 for c in g.unet_channels):
+        raise DppmgError(
+            f"{key}.unet_channels must be at least two positive sizes (cross-attention needs a level below the "
+            f"full resolution), got {g.unet_channels}"
+        )
+    for dim, heads in (("text_dim", "text_heads"), ("text_encoder_dim", "text_encoder_heads")):
+        if getattr(g, dim) % getattr(g, heads):
+            raise DppmgError(
+                f"{key}.{dim} ({getattr(g, dim)}) must be a multiple of {key}.{heads} ({getattr(g, heads)})"
+            )
+    attended = g.unet_channels[1:]  # the levels with cross-attention (the middle block is the last one)
+    if any(c % g.unet_heads for c in attended):
+        raise DppmgError(
+            f"{key}.unet_heads ({g.unet_heads}) must divide the channels {attended} of the attention levels"
+        )
+    levels = len(g.unet_channels)
+    if g.image_size % 2 ** (levels - 1):
+        raise DppmgError(
+            f"{key}.image_size ({g.image_size}) must be divisible by 2^{levels - 1}: the UNet halves it "
+            f"between its {levels} levels ({key}.unet_channels={g.unet_channels})"
+        )
+    if g.image_size % 8:
+        raise DppmgError(
+            f"{key}.image_size ({g.image_size}) must be a multiple of 8 (diffusers' pipeline checks it)"
+        )
+    if not 0 < g.beta_start < g.beta_end < 1:
+        raise DppmgError(f"{key}: need 0 < beta_start < beta_end < 1, got {g.beta_start}, {g.beta_end}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

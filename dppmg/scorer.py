@@ -306,6 +306,11 @@ def build_tokenizer(texts: Sequence[str], max_vocab: int, max_length: int) -> Pr
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
     )
+    return wrap_tokenizer(tok, max_length)
+
+
+def wrap_tokenizer(tok: Tokenizer, max_length: int, **kwargs: Any) -> PreTrainedTokenizerFast:
+    """A `tokenizers` model with the project's special tokens as a transformers tokenizer (right padding)."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -314,6 +319,7 @@ def build_tokenizer(texts: Sequence[str], max_vocab: int, max_length: int) -> Pr
         unk_token=UNK,
         model_max_length=max_length,
         padding_side="right",
+        **kwargs,
     )
 
 

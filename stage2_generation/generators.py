@@ -1,0 +1,509 @@
+"""Stage 2's generators: a causal LM for text and a Stable-Diffusion-style pipeline for images.
+
+Two ways to get each, chosen by `GeneratorConfig`:
+
+- A name (hub id or local folder) loads a pretrained model with `from_pretrained`, exactly as transformers and
+  diffusers do: `AutoModelForCausalLM` + `AutoTokenizer`, and `StableDiffusionPipeline`.
+- None builds a tiny, untrained one from the config's sizes, with its own tokenizer over the dataset's texts
+  (warm-starting it on the items is the caller's job). `save_generators` writes them as ordinary Hugging Face
+  folders, so `load_generators` reads them back through the same `from_pretrained` code as a real model.
+
+The tiny image pipeline works in pixel space: at 32 px a VAE would only blur (REFERENCE.md), so the UNet takes
+and returns RGB images in [-1, 1] and the pipeline has `vae=None`. diffusers 0.42 supports that with two
+adjustments, made by `_prepare_pipeline` after building and after every load:
+
+- `StableDiffusionPipeline.__init__` sets `vae_scale_factor = 8` when there is no VAE; the latents' shape is
+  (height / vae_scale_factor, width / vae_scale_factor), so it must be 1 (and the image processor built with 1).
+- `__call__` decodes with the VAE unless `output_type="latent"`. With that output type the pipeline returns
+  the final denoised sample, which here *is* the image in [-1, 1]; `generate_images` converts it to uint8.
+  A pipeline with a VAE takes the usual `output_type="np"` path, so real Stable Diffusion works unchanged.
+
+Clipping: in pixel space the data lives in [-1, 1], so the tiny DDIM scheduler clips each step's predicted x0
+to that range (`GeneratorConfig.clip_sample`), as DDPM/DDIM do for images. It cannot say so with the scheduler's
+own `clip_sample`, because `StableDiffusionPipeline.__init__` resets that to False (with a deprecation
+warning) on every construction and load. It uses `thresholding=True, sample_max_value=1.0` instead: the dynamic
+threshold is clamped to [1, sample_max_value] = 1, so `DDIMScheduler._threshold_sample` is exactly
+`x0.clamp(-1, 1)`. Code that re-derives a DDIM step (DDPO's log-probability) must clip the same way whenever
+`scheduler.config.thresholding` is set. Stable Diffusion itself clips nothing (latents are unbounded).
+
+The tiny tokenizers: the LM gets a byte-level BPE (any text round-trips exactly, so generated descriptions are
+plain strings); the CLIP text encoder gets the scorer's word-level tokenizer (prompts are short keyword
+phrases; each word is one token). Both reserve [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3: EOS is not 2, which keeps
+`CLIPTextModel`'s pooling at the first EOS (see dppmg/scorer.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from dppmg.config import GeneratorConfig
+from dppmg.device import resolve_device
+from dppmg.errors import DppmgError
+from dppmg.io import commit_dir, read_json, staging_dir, write_json
+from dppmg.scorer import BOS, SPECIAL_TOKENS, UNK, build_tokenizer, clean_texts, wrap_tokenizer
+from stage2_generation.injection import HOLDER_NAME
+
+TEXT_DIR = "text"  # inside a generators folder: the LM and its tokenizer (save_pretrained)
+IMAGE_DIR = "image"  # the diffusers pipeline (save_pretrained)
+MANIFEST_FILE = "generators.json"
+FORMAT_VERSION = 1
+MAX_NORM_GROUPS = 32  # GroupNorm groups in the UNet (diffusers' default), fewer when the channels need it
+TINY = "tiny"
+# A hub id is "name" or "owner/name"; anything else (several slashes, ./, ~, an absolute path) is a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pair of generators
+
+
+@dataclass(repr=False)
+class Generators:
+    """A text generator and an image generator.
+
+    Args:
+        lm: a causal LM (`generate`, `forward(labels=...)`).
+        lm_tokenizer: its tokenizer; pads on the right by default (`generate_texts` pads on the left).
+        pipe: a `StableDiffusionPipeline` (text encoder + tokenizer, UNet, scheduler, optional VAE).
+        info: where they came from ({"text": name or "tiny", "image": ..., "seed": ...}, plus anything the
+            caller adds, e.g. the dataset hash of a warm-start); saved with them.
+    """
+
+    lm: PreTrainedModel
+    lm_tokenizer: PreTrainedTokenizerBase
+    pipe: StableDiffusionPipeline
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        lm = sum(p.numel() for p in self.lm.parameters())
+        unet = sum(p.numel() for p in self.pipe.unet.parameters())
+        encoder = sum(p.numel() for p in self.pipe.text_encoder.parameters())
+        return (
+            f"Generators(lm={type(self.lm).__name__}[{lm:,}], unet={unet:,}, text_encoder={encoder:,}, "
+            f"image_size={image_size(self.pipe)}, info={self.info})"
+        )
+
+    def to(self, device: str | torch.device) -> Generators:
+        device = resolve_device(device)
+        self.lm.to(device)
+        self.pipe.to(device)
+        return self
+
+
+def build_generators(
+    cfg: GeneratorConfig, texts: Sequence[str], seed: int, image_texts: Sequence[str] | None = None
+) -> Generators:
+    """The generators the config names, loaded; or tiny ones built over `texts` (deterministic for a seed).
+
+    Args:
+        texts: the corpus of the tiny LM's tokenizer (e.g. the items' texts and keywords).
+        image_texts: the corpus of the tiny text encoder's tokenizer; default `texts`.
+    """
+    if cfg.text_model is not None:
+        lm, tokenizer = load_text_generator(cfg.text_model)
+    else:
+        tokenizer = build_text_tokenizer(texts, cfg.text_vocab, cfg.text_max_length)
+        lm = build_tiny_lm(tokenizer, cfg, seed=seed)
+    if cfg.image_pipeline is not None:
+        pipe = load_image_pipeline(cfg.image_pipeline)
+    else:
+        pipe = build_tiny_image_pipeline(texts if image_texts is None else image_texts, cfg, seed=seed)
+    info = {"text": cfg.text_model or TINY, "image": cfg.image_pipeline or TINY, "seed": seed}
+    return Generators(lm, tokenizer, pipe, info).to(cfg.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny text generator
+
+
+def build_text_tokenizer(texts: Sequence[str], vocab_size: int, max_length: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE over `texts` with [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=3; encoding prepends [BOS].
+
+    Byte-level, so every string round-trips: `decode(encode(x), skip_special_tokens=True) == x`. The vocabulary
+    holds at least the 256 bytes and the 4 special tokens, whatever `vocab_size` says. [EOS] is not added: a
+    prompt must not end the text, and training code appends `eos_token` to its targets.
+    """
+    corpus = [t for t in clean_texts(texts) if t]
+    if not corpus:
+        raise DppmgError("the tiny text generator's tokenizer needs a non-empty list of texts to learn from")
+    tok = Tokenizer(models.BPE(unk_token=UNK))  # byte-level never meets an unknown symbol; UNK is for the API
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bos = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos)]
+    )
+    # clean_up_tokenization_spaces would turn "word ." into "word." and break the round trip.
+    return wrap_tokenizer(tok, max_length, clean_up_tokenization_spaces=False)
+
+
+def build_tiny_lm(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfig, seed: int = 0) -> GPT2LMHeadModel:
+    """An untrained GPT-2 sized by the config, over `tokenizer`'s vocabulary and special ids."""
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.text_max_length,
+        n_embd=cfg.text_dim,
+        n_layer=cfg.text_layers,
+        n_head=cfg.text_heads,
+        **ids,
+    )
+    with _seeded(seed):
+        model = GPT2LMHeadModel(config)
+    for key, value in ids.items():
+        setattr(model.generation_config, key, value)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny image generator
+
+
+def build_tiny_image_pipeline(
+    texts: Sequence[str], cfg: GeneratorConfig, seed: int = 0
+) -> StableDiffusionPipeline:
+    """An untrained pixel-space Stable-Diffusion pipeline (no VAE) sized by the config; see the module docstring.
+
+    Its text encoder is a `CLIPTextModel` over a word-level tokenizer of `texts`; the UNet attends to the text
+    encoder's hidden states at every level but the full-resolution one.
+    """
+    corpus = [t for t in clean_texts(texts) if t]
+    if not corpus:
+        raise DppmgError("the tiny image generator's tokenizer needs a non-empty list of texts to learn from")
+    tokenizer = build_tokenizer(corpus, cfg.text_encoder_vocab, cfg.text_encoder_max_length)
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, cfg))
+        unet = _tiny_unet(cfg)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=cfg.scheduler_steps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type="epsilon",
+        # Clipping x0 to [-1, 1] by way of thresholding, since StableDiffusionPipeline resets clip_sample
+        # (module docstring). With sample_max_value = 1 the "dynamic" threshold is always 1: plain clipping.
+        clip_sample=False,
+        thresholding=cfg.clip_sample,
+        sample_max_value=1.0,
+        set_alpha_to_one=False,
+        steps_offset=1,  # Stable Diffusion's convention, so the tiny and real pipelines step alike
+    )
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _prepare_pipeline(pipe)
+
+
+def _text_encoder_config(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_encoder_dim,
+        intermediate_size=4 * cfg.text_encoder_dim,
+        num_hidden_layers=cfg.text_encoder_layers,
+        num_attention_heads=cfg.text_encoder_heads,
+        max_position_embeddings=cfg.text_encoder_max_length,
+        # The tokenizer's ids, not CLIP's defaults: pooling looks for eos_token_id (dppmg/scorer.py).
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _tiny_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
+    levels = len(cfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.image_size,
+        in_channels=3,  # RGB in pixel space
+        out_channels=3,
+        block_out_channels=tuple(cfg.unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_encoder_dim,
+        # diffusers' legacy name: in UNet2DConditionModel, attention_head_dim is the number of heads.
+        attention_head_dim=cfg.unet_heads,
+        norm_num_groups=math.gcd(MAX_NORM_GROUPS, *cfg.unet_channels),
+    )
+
+
+def _prepare_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """Make a VAE-less pipeline work in pixel space (module docstring); silence the per-call progress bar."""
+    if pipe.vae is None:
+        pipe.vae_scale_factor = 1
+        pipe.image_processor = VaeImageProcessor(vae_scale_factor=1)
+    pipe.set_progress_bar_config(disable=True)  # generate_images shows one bar over all batches instead
+    return pipe
+
+
+def image_size(pipe: StableDiffusionPipeline) -> int:
+    """The side in pixels of the images the pipeline makes by default."""
+    size = pipe.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return int(size * pipe.vae_scale_factor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load_text_generator(
+    name_or_path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer by hub id or folder; a tokenizer without a pad token pads with EOS."""
+    source = _source(name_or_path, "text generator")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise DppmgError(f"cannot load the text generator {source!r}: {_first_line(e)}") from None
+    if tokenizer.pad_token is None:  # many LLMs have none; the pad positions are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def load_image_pipeline(
+    name_or_path: str | Path, device: str | torch.device = "cpu"
+) -> StableDiffusionPipeline:
+    """A Stable-Diffusion pipeline by hub id or folder, without a safety checker; VAE-less ones work in pixels."""
+    source = _source(name_or_path, "image generator")
+    # A component saved as absent (the tiny pipeline's VAE) must be passed as None, or diffusers reports it missing.
+    absent = {name: None for name in _absent_components(source)}
+    absent.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, **absent)
+    except (OSError, ValueError) as e:
+        raise DppmgError(f"cannot load the image generator {source!r}: {_first_line(e)}") from None
+    return _prepare_pipeline(pipe).to(resolve_device(device))
+
+
+def save_generators(gen: Generators, folder: str | Path) -> Path:
+    """Write both generators as Hugging Face folders (`text/`, `image/`) plus generators.json, atomically.
+
+    Save the base generators, before token injection: injected tokens are saved on their own
+    (`injection.save_injected`), and a model carrying them would not load back as a plain model.
+    """
+    folder = Path(folder)
+    injected = [m for m in (gen.lm, gen.pipe.text_encoder) if _is_injected(m)]
+    if injected:
+        raise DppmgError(
+            f"cannot save generators to {folder}: {type(injected[0]).__name__} carries injected preference "
+            "tokens; save the base generators before injecting (the tokens are saved by save_injected)"
+        )
+    stage = staging_dir(folder)
+    try:
+        gen.lm.save_pretrained(stage / TEXT_DIR)
+        gen.lm_tokenizer.save_pretrained(stage / TEXT_DIR)
+        gen.pipe.save_pretrained(stage / IMAGE_DIR)
+        write_json(stage / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "info": gen.info})
+        commit_dir(stage, folder)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_generators(folder: str | Path, device: str | torch.device = "cpu") -> Generators:
+    """Generators written by `save_generators`, loaded with the same code as pretrained ones."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if not manifest.is_file():
+        raise DppmgError(f"{folder}: not a saved generators folder (no {MANIFEST_FILE})")
+    meta = read_json(manifest)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DppmgError(
+            f"{manifest}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    lm, tokenizer = load_text_generator(folder / TEXT_DIR, device)
+    pipe = load_image_pipeline(folder / IMAGE_DIR, device)
+    return Generators(lm, tokenizer, pipe, dict(meta.get("info", {})))
+
+
+def _source(name_or_path: str | Path, what: str) -> str:
+    """The string to pass to from_pretrained; a DppmgError naming the path when a local path does not exist."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DppmgError(f"{what} {name!r} is a file; expected a model folder or a hub id")
+        return str(path)
+    if isinstance(name_or_path, Path) or not HUB_ID.match(name):
+        raise DppmgError(f"{what} not found: {name} (no such folder)")
+    return name  # a hub id: from_pretrained finds it in the cache, or downloads it unless HF_HUB_OFFLINE=1
+
+
+def _absent_components(source: str) -> list[str]:
+    """Components that a local pipeline folder's model_index.json lists as [null, null]."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return []
+    return [k for k, v in read_json(index).items() if isinstance(v, list) and all(x is None for x in v)]
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().split("\n")[0]
+
+
+def _is_injected(model: torch.nn.Module) -> bool:
+    return any(name.endswith(HOLDER_NAME) for name, _ in model.named_modules())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@torch.inference_mode()
+def generate_texts(
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[str]:
+    """The continuation of each prompt (without the prompt), decoded without special tokens.
+
+    Batched with left padding. temperature <= 0 decodes greedily. The same seed and batch size give the same
+    texts. Raises DppmgError when a prompt plus `max_new_tokens` exceeds the model's positions.
+    """
+    prompts = list(prompts)
+    positions = getattr(lm.config, "max_position_embeddings", None)
+    device = next(lm.parameters()).device
+    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    texts: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    with _eval_mode(lm), _seeded(seed, device):
+        for start in tqdm(starts, desc="texts", disable=len(starts) <= 1):
+            chunk = prompts[start : start + batch_size]
+            batch = tokenizer(chunk, padding=True, padding_side="left", return_tensors="pt").to(device)
+            length = batch["input_ids"].shape[1]
+            if positions is not None and length + max_new_tokens > positions:
+                longest = chunk[int(batch["attention_mask"].sum(dim=1).argmax())]
+                raise DppmgError(
+                    f"prompt {longest!r} is {length} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                    f"the text generator's {positions} positions"
+                )
+            out = lm.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            texts += [t.strip() for t in tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)]
+    return texts
+
+
+@torch.inference_mode()
+def generate_images(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    steps: int = 25,
+    guidance: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] images for the prompts (DDIM with classifier-free guidance when guidance > 1).
+
+    Image i starts from noise seeded by (seed, i), so it does not depend on the batch size or on the other
+    prompts, and the pipeline's scheduler with eta = 0 makes the rest deterministic.
+    """
+    prompts = list(prompts)
+    side = image_size(pipe)
+    if not prompts:
+        return np.zeros((0, side, side, 3), dtype=np.uint8)
+    pixel_space = pipe.vae is None
+    images = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="images", disable=len(starts) <= 1):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(_image_seed(seed, start + j)) for j in range(len(chunk))]
+        out = pipe(
+            prompt=chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="latent" if pixel_space else "np",
+            return_dict=False,
+        )[0]
+        if pixel_space:  # the final sample, [B, 3, H, W] in [-1, 1]
+            pixels01 = (out.float().clamp(-1, 1) + 1) / 2
+            images.append(pixels01.permute(0, 2, 3, 1).cpu().numpy())
+        else:  # decoded by the VAE, [B, H, W, 3] in [0, 1]
+            images.append(np.asarray(out, dtype=np.float32))
+    return (np.concatenate(images).clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def _image_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed torch inside the block and restore the caller's random state afterwards."""
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off inside the block; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

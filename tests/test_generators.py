@@ -1,0 +1,290 @@
+"""The generators: tiny builders, from_pretrained loading from a saved folder, batched generation."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from dppmg.config import Config, GeneratorConfig
+from dppmg.errors import DppmgError
+from stage2_generation.generators import (
+    MANIFEST_FILE,
+    Generators,
+    build_generators,
+    build_text_tokenizer,
+    build_tiny_image_pipeline,
+    build_tiny_lm,
+    generate_images,
+    generate_texts,
+    load_generators,
+    load_image_pipeline,
+    load_text_generator,
+    save_generators,
+)
+from stage2_generation.injection import HOLDER_NAME
+
+TEXTS = [
+    "This rustic red lamp in wood brings warmth to any kitchen.",
+    "Minimalist ceramic black checked mirror for the home office.",
+    "Add character to your bedroom with a bohemian spotted lamp crafted from porcelain.",
+    "A modern blue striped cushion in cotton for the living room.",
+    "Industrial green clock in steel, made for the bathroom.",
+    "lamp",
+    "mirror",
+    "clock",
+]
+PROMPTS = ["red lamp", "a modern blue striped cushion in cotton for the", "clock"]
+SIDE = 32
+# Tiny sizes: every test here builds and runs these in well under a second.
+TINY = GeneratorConfig(
+    text_vocab=400,
+    text_max_length=32,
+    text_dim=32,
+    text_layers=1,
+    text_heads=2,
+    image_size=SIDE,
+    unet_channels=[16, 32],
+    unet_heads=2,
+    text_encoder_vocab=100,
+    text_encoder_max_length=16,
+    text_encoder_dim=32,
+    text_encoder_layers=1,
+    text_encoder_heads=2,
+)
+
+
+@pytest.fixture(scope="module")
+def gen() -> Generators:
+    return build_generators(TINY, TEXTS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def saved(gen: Generators, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_generators(gen, tmp_path_factory.mktemp("gen") / "generators")
+
+
+def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- tokenizer ------------------------------------------------------------------------------------------
+
+
+def test_text_tokenizer_round_trips_and_marks_the_start():
+    tok = build_text_tokenizer(TEXTS, vocab_size=400, max_length=32)
+    assert [tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id] == [0, 1, 2, 3]
+    assert tok.model_max_length == 32
+    # Byte-level: corpus texts, lower-cased words and unseen characters all come back exactly.
+    for text in [*TEXTS, "red lamp, wooden mirror.", "Ünïcödé and spaces  twice", "zzz qqq"]:
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.eos_token_id not in ids
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    # The merges learned something: a frequent word is one token, not its letters.
+    assert len(tok(" lamp", add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_text_tokenizer_is_deterministic_and_needs_texts():
+    a = build_text_tokenizer(TEXTS, 400, 32)
+    b = build_text_tokenizer(list(TEXTS), 400, 32)
+    assert a.get_vocab() == b.get_vocab()
+    with pytest.raises(DppmgError, match="non-empty"):
+        build_text_tokenizer([None, ""], 400, 32)
+
+
+# --- tiny LM --------------------------------------------------------------------------------------------
+
+
+def test_tiny_lm_forward_loss_and_generate_shapes():
+    tok = build_text_tokenizer(TEXTS, 400, TINY.text_max_length)
+    lm = build_tiny_lm(tok, TINY, seed=0)
+    assert lm.config.vocab_size == len(tok) and lm.config.n_positions == TINY.text_max_length
+    ids = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    for where in (lm.config, lm.generation_config):
+        assert (where.pad_token_id, where.bos_token_id, where.eos_token_id) == tuple(ids.values())
+    batch = tok(TEXTS[:3], padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = lm(**batch, labels=labels)
+    assert out.logits.shape == (*batch["input_ids"].shape, len(tok))
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    # Untrained: the loss is near log(V), the uniform guess.
+    assert abs(out.loss.item() - np.log(len(tok))) < 1.0
+    gen = lm.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[0] == 3 and batch["input_ids"].shape[1] < gen.shape[1] <= batch["input_ids"].shape[1] + 5
+
+
+def test_generate_texts_left_padding_gives_the_same_texts_as_one_by_one(gen: Generators):
+    batched = generate_texts(gen.lm, gen.lm_tokenizer, PROMPTS, max_new_tokens=8, temperature=0)
+    single = [
+        generate_texts(gen.lm, gen.lm_tokenizer, [p], max_new_tokens=8, temperature=0)[0] for p in PROMPTS
+    ]
+    assert batched == single
+    assert len(batched) == len(PROMPTS) and all(isinstance(t, str) for t in batched)
+
+
+def test_generate_texts_is_reproducible_for_a_seed_and_keeps_the_mode(gen: Generators):
+    gen.lm.train()
+    try:
+        args = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, batch_size=2)
+        a = generate_texts(gen.lm, gen.lm_tokenizer, PROMPTS * 2, seed=1, **args)
+        b = generate_texts(gen.lm, gen.lm_tokenizer, PROMPTS * 2, seed=1, **args)
+        c = generate_texts(gen.lm, gen.lm_tokenizer, PROMPTS * 2, seed=2, **args)
+        assert gen.lm.training  # switched to eval for generating, then back
+    finally:
+        gen.lm.eval()
+    assert a == b and a != c
+
+
+def test_generate_texts_refuses_a_prompt_that_does_not_fit(gen: Generators):
+    with pytest.raises(DppmgError, match=r"exceeds the text generator's 32 positions"):
+        generate_texts(gen.lm, gen.lm_tokenizer, ["lamp " * 20], max_new_tokens=20)
+
+
+# --- tiny image pipeline ----------------------------------------------------------------------------------
+
+
+def test_tiny_pipeline_structure(gen: Generators):
+    pipe = gen.pipe
+    assert pipe.vae is None and pipe.vae_scale_factor == 1
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == 3
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    # Cross-attention below the full resolution only (16 px here), never at 32 px.
+    assert not hasattr(pipe.unet.down_blocks[0], "attentions")
+    assert all(len(b.attentions) > 0 for b in pipe.unet.down_blocks[1:])
+    tok = pipe.tokenizer
+    assert pipe.text_encoder.config.eos_token_id == tok.eos_token_id != 2
+    assert tok.model_max_length == TINY.text_encoder_max_length
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
+
+
+def test_tiny_scheduler_clips_the_predicted_image(gen: Generators):
+    # thresholding with sample_max_value=1 is plain clipping to [-1, 1] (the module docstring says why).
+    x0 = torch.randn(2, 3, 8, 8) * 3
+    clipped = gen.pipe.scheduler._threshold_sample(x0.clone())
+    assert torch.equal(clipped, x0.clamp(-1, 1))
+
+
+def test_generate_images_shapes_and_per_image_seeds(gen: Generators):
+    images = generate_images(gen.pipe, PROMPTS, steps=2, guidance=3.0, seed=0, batch_size=2)
+    assert images.shape == (len(PROMPTS), SIDE, SIDE, 3) and images.dtype == np.uint8
+    assert images.std() > 0  # not a constant image
+    # Image i's noise depends on (seed, i) only: a different batch size gives (numerically) the same image.
+    again = generate_images(gen.pipe, PROMPTS, steps=2, guidance=3.0, seed=0, batch_size=3)
+    assert np.abs(images.astype(int) - again.astype(int)).max() <= 1
+    other = generate_images(gen.pipe, PROMPTS[:1], steps=2, guidance=3.0, seed=1)
+    assert np.abs(other[0].astype(int) - images[0].astype(int)).mean() > 1
+    assert generate_images(gen.pipe, [], steps=2).shape == (0, SIDE, SIDE, 3)
+
+
+# --- building, saving, loading ------------------------------------------------------------------------------
+
+
+def test_build_is_deterministic_for_a_seed_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_generators(TINY, TEXTS, seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    b = build_generators(TINY, TEXTS, seed=5)
+    c = build_generators(TINY, TEXTS, seed=6)
+    for part in (lambda g: g.lm, lambda g: g.pipe.unet, lambda g: g.pipe.text_encoder):
+        assert same_state(part(a), part(b))
+        assert not same_state(part(a), part(c))
+    assert a.lm_tokenizer.get_vocab() == b.lm_tokenizer.get_vocab()
+    assert a.pipe.tokenizer.get_vocab() == b.pipe.tokenizer.get_vocab()
+    assert a.info == {"text": "tiny", "image": "tiny", "seed": 5}
+
+
+def test_save_then_load_gives_the_same_generations(gen: Generators, saved: Path):
+    assert (saved / MANIFEST_FILE).is_file()
+    loaded = load_generators(saved)
+    assert loaded.info == gen.info
+    assert same_state(loaded.lm, gen.lm) and same_state(loaded.pipe.unet, gen.pipe.unet)
+    assert loaded.lm_tokenizer.get_vocab() == gen.lm_tokenizer.get_vocab()
+    args = dict(max_new_tokens=8, temperature=1.0, seed=3)
+    assert generate_texts(loaded.lm, loaded.lm_tokenizer, PROMPTS, **args) == generate_texts(
+        gen.lm, gen.lm_tokenizer, PROMPTS, **args
+    )
+    img = dict(steps=2, guidance=3.0, seed=4)
+    np.testing.assert_array_equal(
+        generate_images(loaded.pipe, PROMPTS, **img), generate_images(gen.pipe, PROMPTS, **img)
+    )
+
+
+def test_build_generators_loads_named_models(saved: Path):
+    cfg = dataclasses.replace(TINY, text_model=str(saved / "text"), image_pipeline=str(saved / "image"))
+    named = build_generators(cfg, texts=["unused"], seed=99)
+    assert named.info == {"text": str(saved / "text"), "image": str(saved / "image"), "seed": 99}
+    # The saved tokenizers, not ones built from "unused".
+    assert "lamp" in named.pipe.tokenizer.get_vocab() and len(named.lm_tokenizer) > 260
+
+
+def test_missing_or_unloadable_sources_name_the_path(tmp_path: Path):
+    missing = tmp_path / "no" / "such" / "model"
+    with pytest.raises(DppmgError, match=f"text generator not found: {missing}"):
+        load_text_generator(missing)
+    with pytest.raises(DppmgError, match=f"image generator not found: {missing}"):
+        load_image_pipeline(str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DppmgError, match=f"cannot load the text generator '{empty}'"):
+        load_text_generator(empty)
+    with pytest.raises(DppmgError, match=f"cannot load the image generator '{empty}'"):
+        load_image_pipeline(empty)
+    with pytest.raises(DppmgError, match=f"{empty}: not a saved generators folder"):
+        load_generators(empty)
+    # A hub id that is not cached, with the hub offline (conftest sets HF_HUB_OFFLINE=1).
+    with pytest.raises(DppmgError, match="cannot load the text generator 'dppmg-test/no-such-model'"):
+        load_text_generator("dppmg-test/no-such-model")
+
+
+def test_save_refuses_generators_with_injected_tokens(tmp_path: Path):
+    g = build_generators(TINY, TEXTS, seed=0)
+    g.lm.get_input_embeddings().add_module(HOLDER_NAME, torch.nn.Module())  # what inject_tokens attaches
+    with pytest.raises(DppmgError, match="injected preference tokens"):
+        save_generators(g, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_image_pipeline_needs_texts():
+    with pytest.raises(DppmgError, match="non-empty"):
+        build_tiny_image_pipeline([], TINY)
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_size": 24, "unet_channels": [16, 32, 64, 64, 64]}, "divisible by 2\\^4"),
+        ({"image_size": 20, "unet_channels": [16, 32]}, "multiple of 8"),
+        ({"unet_channels": [32]}, "at least two"),
+        ({"unet_heads": 3}, "unet_heads"),
+        ({"text_dim": 30, "text_heads": 4}, "text_dim"),
+        ({"text_layers": 0}, "text_layers must be >= 1"),
+        ({"beta_schedule": "cosine"}, "beta_schedule"),
+    ],
+)
+def test_config_rejects_bad_generator_sizes(changes: dict, message: str):
+    cfg = Config()
+    cfg.stage2.generators = dataclasses.replace(cfg.stage2.generators, **changes)
+    with pytest.raises(DppmgError, match=message):
+        cfg.validate()
+
+
+def test_default_generator_config_is_valid():
+    cfg = Config().validate()
+    assert cfg.stage2.generators.image_pipeline is None and cfg.stage2.generators.unet_channels == [
+        32,
+        64,
+        128,
+    ]
