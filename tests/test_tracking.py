@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,15 +69,16 @@ def test_offline_tracker_writes_its_run_inside_the_run_folder(wandb_env):
     assert len(runs) == 1
     logs = list(runs[0].glob("run-*.wandb"))
     assert len(logs) == 1
-    # The transaction log is protobuf records; key names and the run name appear in it verbatim.
-    data = logs[0].read_bytes()
-    for key in (
-        b"train/loss_marker",
-        b"usage_marker/1",
-        b"best_recall_marker",
-        b"myrun-stage1",
-        b"dppmg-test",
-    ):
+    # The transaction log is protobuf records; key names and the run name appear in it verbatim. W&B's service
+    # process may still be flushing it just after finish() on a loaded machine, so wait for it (bounded).
+    keys = (b"train/loss_marker", b"usage_marker/1", b"best_recall_marker", b"myrun-stage1", b"dppmg-test")
+    deadline = time.monotonic() + 30
+    while True:
+        data = logs[0].read_bytes()
+        if all(k in data for k in keys) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for key in keys:
         assert key in data, key
     assert sorted(p.name for p in wandb_env.iterdir()) == ["runs", "wandb-home"]
 

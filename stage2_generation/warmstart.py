@@ -1,0 +1,353 @@
+"""Warm-start the generators on the dataset's items, so that before any personalization they draw items.
+
+Text: causal-LM loss of the item's text given a prompt made of its keywords ("red lamp:" → " This rustic red
+lamp ..." + EOS). Only the target tokens count: the prompt is what the user gives at generation time, so learning
+to predict it would spend capacity on nothing we sample.
+
+Image: the usual epsilon-prediction (or v-prediction, if the scheduler says so) diffusion loss of the item's image
+given its keywords, training the UNet and the text encoder together. A share of prompts is replaced by "" so the
+same model also learns the unconditional prediction that classifier-free guidance subtracts. The tiny pipeline
+works in pixel space (images scaled to [-1, 1]); a pipeline with a VAE trains on its scaled latents.
+
+`warm_start` builds the generators, trains both parts and caches the result per (dataset content hash, generator +
+warm-start config + seed) under `cache_root/<key>/`, written atomically by `save_generators`, so a rerun of stage 2
+on the same data loads it instead of training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import StableDiffusionPipeline
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dppmg.config import GeneratorConfig, WarmStartConfig, to_dict
+from dppmg.data.format import ProcessedDataset, content_hash
+from dppmg.data.imageio import load_image_array
+from dppmg.errors import DppmgError
+from dppmg.log import logger
+from stage2_generation.generators import (
+    MANIFEST_FILE,
+    Generators,
+    build_generators,
+    image_size,
+    load_generators,
+    save_generators,
+)
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and so every HF causal LM) skips
+KEYWORDS = "{keywords}"  # the placeholder in the prompt templates (str.replace, so other braces are literal)
+LOSS_WINDOW = (
+    0.1  # loss_first / loss_last average this share of the steps: one diffusion step's loss is noisy
+)
+CACHE_VERSION = 1  # bump when the training recipe changes, so older caches are not reused
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Examples
+
+
+def fill_prompt(template: str, keywords: Any) -> str:
+    """The prompt for an item's keywords (missing keywords give the template with an empty phrase)."""
+    phrase = "" if keywords is None or pd.isna(keywords) else str(keywords).strip()
+    return template.replace(KEYWORDS, phrase).strip()
+
+
+def text_warmstart_examples(items: pd.DataFrame, template: str = "{keywords}:") -> list[tuple[str, str]]:
+    """(prompt from the keywords, target = the item's text) for every item that has a text, in item order."""
+    examples = []
+    for keywords, text in zip(items["keywords"], items["text"], strict=True):
+        if text is None or pd.isna(text) or not str(text).strip():
+            continue
+        examples.append((fill_prompt(template, keywords), str(text).strip()))
+    return examples
+
+
+def image_warmstart_examples(
+    ds: ProcessedDataset, template: str, side: int, progress: bool
+) -> tuple[list[str], np.ndarray]:
+    """Prompts and uint8 [N, side, side, 3] images of the items that have an image."""
+    rows = [i for i in range(ds.num_items) if ds.image_path(i) is not None]
+    paths = [ds.image_path(i) for i in rows]
+    missing = [p for p in paths if not p.is_file()]  # type: ignore[union-attr]
+    if missing:
+        raise DppmgError(f"{ds.root}: item image {missing[0]} is missing ({len(missing)} missing in all)")
+    prompts = [fill_prompt(template, ds.items["keywords"].iat[i]) for i in rows]
+    return prompts, load_image_array(paths, side, progress=progress)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text
+
+
+def text_batch(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str, str]], max_length: int
+) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask, labels [B, T], right-padded; labels are -100 on the prompt and the padding.
+
+    Prompt and target are tokenized separately, so the prompt's tokens are exactly those `generate_texts` feeds
+    the model. The target is " " + text + EOS; a target too long for `max_length` is cut (and then has no EOS).
+    """
+    rows = []
+    for prompt, target in examples:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            raise DppmgError(
+                f"warm-start prompt {prompt!r} is {len(prompt_ids)} tokens, no room for a target within the "
+                f"text generator's {max_length} positions"
+            )
+        rows.append((prompt_ids, target_ids[:room]))
+    length = max(len(p) + len(t) for p, t in rows)
+    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, (prompt_ids, target_ids) in enumerate(rows):
+        ids = prompt_ids + target_ids
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        mask[b, : len(ids)] = 1
+        labels[b, len(prompt_ids) : len(ids)] = torch.tensor(target_ids)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _max_positions(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    positions = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
+    limit = (
+        tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None
+    )  # HF's "no limit" is ~1e30
+    candidates = [int(x) for x in (positions, limit) if x]
+    if not candidates:
+        raise DppmgError(f"cannot tell how many positions the text generator {type(lm).__name__} has")
+    return min(candidates)
+
+
+def train_text_warmstart(
+    lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[tuple[str, str]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """Fine-tune the whole LM on (prompt, target) pairs; returns loss_first, loss_last, seconds, steps.
+
+    Batches are drawn with replacement from a generator seeded by `seed`. The LM is left in eval mode.
+    """
+    if not examples:
+        raise DppmgError("text warm-start needs at least one (prompt, target) example")
+    device = next(lm.parameters()).device
+    max_length = _max_positions(lm, tokenizer)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    lm.train()
+    for _ in tqdm(range(steps), desc="warm-start text", disable=not progress):
+        picks = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=rng).tolist()
+        batch = text_batch(tokenizer, [examples[i] for i in picks], max_length)
+        loss = lm(**{k: v.to(device) for k, v in batch.items()}).loss  # HF shifts the labels by one
+        losses.append(_step(optimizer, loss, lm.parameters(), max_grad_norm))
+    lm.eval()
+    return _summary(losses, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image
+
+
+def diffusion_loss(
+    pipe: StableDiffusionPipeline, prompts: Sequence[str], pixels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The denoising loss of `pixels` [B, 3, H, W] in [-1, 1] given `prompts`, at uniformly drawn timesteps.
+
+    Prompts are encoded the way `StableDiffusionPipeline.encode_prompt` does (padded to the tokenizer's maximum
+    length, no attention mask unless the encoder asks for one), so training and sampling see the same states.
+    """
+    device = pipe.unet.device
+    tokens = pipe.tokenizer(
+        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    use_mask = getattr(pipe.text_encoder.config, "use_attention_mask", False)
+    mask = tokens["attention_mask"].to(device) if use_mask else None
+    states = pipe.text_encoder(tokens["input_ids"].to(device), attention_mask=mask)[0]  # [B, L, D]
+    x0 = pixels.to(device)
+    if pipe.vae is not None:  # real Stable Diffusion: diffuse the VAE's scaled latents, not the pixels
+        with torch.no_grad():
+            x0 = pipe.vae.encode(x0).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+    scheduler = pipe.scheduler
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
+    noisy = scheduler.add_noise(x0, noise, t)
+    prediction = pipe.unet(noisy, t, encoder_hidden_states=states).sample
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(x0, noise, t)
+    else:
+        raise DppmgError(f"image warm-start supports prediction_type epsilon or v_prediction, not {kind!r}")
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def train_image_warmstart(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    images: np.ndarray,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+    uncond_prob: float = 0.1,
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """Fine-tune the UNet and text encoder on uint8 [N, H, W, 3] images and their prompts.
+
+    Returns loss_first, loss_last, seconds, steps. Both models are left in eval mode.
+    """
+    if len(prompts) != len(images) or len(images) == 0:
+        raise DppmgError(
+            f"image warm-start needs matching, non-empty prompts and images, got {len(prompts)} and {len(images)}"
+        )
+    side = image_size(pipe)
+    if images.shape[1:] != (side, side, 3):
+        raise DppmgError(
+            f"image warm-start images are {list(images.shape[1:])}, the pipeline makes [{side}, {side}, 3]"
+        )
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
+    params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    for _ in tqdm(range(steps), desc="warm-start images", disable=not progress):
+        picks = torch.randint(len(images), (min(batch_size, len(images)),), generator=rng)
+        dropped = torch.rand(len(picks), generator=rng) < uncond_prob
+        batch_prompts = [
+            "" if drop else prompts[i] for i, drop in zip(picks.tolist(), dropped.tolist(), strict=True)
+        ]
+        loss = diffusion_loss(pipe, batch_prompts, pixels[picks], rng)
+        losses.append(_step(optimizer, loss, params, max_grad_norm))
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return _summary(losses, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared training helpers
+
+
+def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Any, max_grad_norm: float) -> float:
+    """One optimizer step; a non-finite loss is skipped (and logged) instead of poisoning the weights."""
+    optimizer.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    if not np.isfinite(value):
+        logger.warning("warm-start: skipped a step with a non-finite loss (%s)", value)
+        return value
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return value
+
+
+def _summary(losses: list[float], seconds: float) -> dict[str, float]:
+    finite = [x for x in losses if np.isfinite(x)]
+    window = max(1, round(len(finite) * LOSS_WINDOW))
+    nan = float("nan")
+    return {
+        "loss_first": float(np.mean(finite[:window])) if finite else nan,
+        "loss_last": float(np.mean(finite[-window:])) if finite else nan,
+        "seconds": seconds,
+        "steps": len(losses),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cached warm-start
+
+
+def warmstart_key(dataset_hash: str, gen_cfg: GeneratorConfig, ws_cfg: WarmStartConfig, seed: int) -> str:
+    """The cache folder name: the dataset hash and a hash of everything else that shapes the result."""
+    gen = {k: v for k, v in to_dict(gen_cfg).items() if k != "device"}  # where it trained changes nothing
+    blob = json.dumps(
+        {"version": CACHE_VERSION, "generators": gen, "warmstart": to_dict(ws_cfg), "seed": seed},
+        sort_keys=True,
+    )
+    return f"{dataset_hash}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def _dataset_hash(ds: ProcessedDataset) -> str:
+    return str(ds.meta.get("content_hash") or content_hash(ds.items, ds.interactions, ds.users))
+
+
+def _tokenizer_corpus(items: pd.DataFrame) -> list[str]:
+    """Texts and keywords: what the tiny tokenizers must cover (prompts are keywords, targets are texts)."""
+    values = pd.concat([items["text"], items["keywords"]], ignore_index=True)
+    return [str(v) for v in values if v is not None and not pd.isna(v) and str(v).strip()]
+
+
+def warm_start(
+    ds: ProcessedDataset,
+    gen_cfg: GeneratorConfig,
+    ws_cfg: WarmStartConfig,
+    cache_root: str | Path,
+    seed: int,
+    progress: bool = True,
+) -> Generators:
+    """Generators built from `gen_cfg` and warm-started on `ds`'s items; cached under cache_root/<key>/.
+
+    The text part is skipped when no item has a text, the image part when no item has an image (or when the
+    config gives it 0 steps). `info["warmstart"]` holds each part's loss and time.
+    """
+    dataset_hash = _dataset_hash(ds)
+    folder = Path(cache_root) / warmstart_key(dataset_hash, gen_cfg, ws_cfg, seed)
+    if (folder / MANIFEST_FILE).is_file():
+        logger.info("warm-started generators loaded from the cache %s", folder)
+        return load_generators(folder, gen_cfg.device)
+
+    corpus = _tokenizer_corpus(ds.items)
+    if not corpus:
+        raise DppmgError(
+            f"{ds.root}: items have neither text nor keywords; nothing to warm-start the generators on"
+        )
+    gen = build_generators(gen_cfg, corpus, seed=seed)
+    report: dict[str, Any] = {}
+    examples = text_warmstart_examples(ds.items, ws_cfg.text_prompt)
+    if examples and ws_cfg.text_steps > 0:
+        report["text"] = train_text_warmstart(
+            gen.lm, gen.lm_tokenizer, examples, ws_cfg.text_steps, ws_cfg.batch_size, ws_cfg.lr_text, seed,
+            progress, max_grad_norm=ws_cfg.max_grad_norm,
+        )  # fmt: skip
+        logger.info("warm-start text: loss %.3f → %.3f in %.0f s", *_loss_line(report["text"]))
+    has_images = ds.items["image"].notna().any()
+    if has_images and ws_cfg.image_steps > 0:
+        prompts, images = image_warmstart_examples(ds, ws_cfg.image_prompt, image_size(gen.pipe), progress)
+        report["image"] = train_image_warmstart(
+            gen.pipe, prompts, images, ws_cfg.image_steps, ws_cfg.batch_size, ws_cfg.lr_image, seed, progress,
+            uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm,
+        )  # fmt: skip
+        logger.info("warm-start images: loss %.3f → %.3f in %.0f s", *_loss_line(report["image"]))
+    gen.info.update(dataset_hash=dataset_hash, warmstart=report)
+    save_generators(gen, folder)  # atomic: staging folder, then one rename
+    logger.info("warm-started generators cached in %s", folder)
+    return gen
+
+
+def _loss_line(stats: dict[str, float]) -> tuple[float, float, float]:
+    return stats["loss_first"], stats["loss_last"], stats["seconds"]

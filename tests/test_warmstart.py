@@ -1,0 +1,180 @@
+"""Warm-start of the generators on the items: losses fall, prompts are masked, the cache is used and keyed."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dppmg.config import GeneratorConfig, WarmStartConfig, load_config
+from dppmg.data.format import ProcessedDataset, content_hash
+from dppmg.data.imageio import write_image_array
+from dppmg.errors import DppmgError
+from stage2_generation import warmstart
+from stage2_generation.generators import build_generators, image_size
+from stage2_generation.warmstart import (
+    IGNORE_INDEX,
+    text_batch,
+    text_warmstart_examples,
+    train_image_warmstart,
+    train_text_warmstart,
+    warm_start,
+    warmstart_key,
+)
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+OBJECTS = ["lamp", "mirror", "clock"]
+SIDE = 16
+TINY = GeneratorConfig(
+    text_vocab=300,
+    text_max_length=32,
+    text_dim=32,
+    text_layers=1,
+    text_heads=2,
+    image_size=SIDE,
+    unet_channels=[16, 32],
+    unet_heads=2,
+    text_encoder_vocab=50,
+    text_encoder_max_length=8,
+    text_encoder_dim=32,
+    text_encoder_layers=1,
+    text_encoder_heads=2,
+)
+FEW_STEPS = WarmStartConfig(text_steps=2, image_steps=2, batch_size=4)
+
+
+def make_dataset(root: Path, with_images: bool = True) -> ProcessedDataset:
+    """12 items ("red lamp", ...) with a one-sentence text and, optionally, a solid-colour image each."""
+    pairs = [(c, o) for c in COLOURS for o in OBJECTS]
+    items = pd.DataFrame(
+        {
+            "item_idx": np.arange(len(pairs)),
+            "item_id": [f"i{i}" for i in range(len(pairs))],
+            "text": [f"A {c} {o} for the home." for c, o in pairs],
+            "keywords": [f"{c} {o}" for c, o in pairs],
+            "image": None,
+        }
+    )
+    if with_images:
+        images = np.stack([np.full((SIDE, SIDE, 3), COLOURS[c], dtype=np.uint8) for c, _ in pairs])
+        items["image"] = write_image_array(images, root, progress=False)
+    users = pd.DataFrame({"user_idx": [0], "user_id": ["u0"]})
+    interactions = pd.DataFrame({"user_idx": [0], "item_idx": [0], "timestamp": [0], "split": ["train"]})
+    meta = {"modalities": ["text", "image"] if with_images else ["text"]}
+    meta["content_hash"] = content_hash(items, interactions, users)
+    return ProcessedDataset(root, items, interactions, users, meta)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_examples_pair_keywords_with_text_and_skip_items_without_text() -> None:
+    items = pd.DataFrame({"keywords": ["red lamp", None, "blue clock"], "text": ["A red lamp.", "x", None]})
+    assert text_warmstart_examples(items) == [("red lamp:", "A red lamp."), (":", "x")]
+
+
+def test_prompt_tokens_are_masked_out_of_the_text_loss() -> None:
+    gen = build_generators(TINY, ["A red lamp for the home.", "red lamp"], seed=0)
+    tok = gen.lm_tokenizer
+    examples = [("red lamp:", "A red lamp for the home."), ("blue clock:", "A blue clock.")]
+    batch = text_batch(tok, examples, max_length=32)
+    for row, (prompt, target) in enumerate(examples):
+        n_prompt = len(tok(prompt)["input_ids"])
+        labels = batch["labels"][row]
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()
+        kept = labels[labels != IGNORE_INDEX]
+        assert kept[-1] == tok.eos_token_id
+        assert tok.decode(kept[:-1]) == " " + target
+        # The labelled positions are exactly the real target tokens: padding is masked too.
+        assert torch.equal(batch["input_ids"][row][n_prompt : n_prompt + len(kept)], kept)
+    # The model's loss is the cross-entropy over the target tokens only.
+    with torch.no_grad():
+        out = gen.lm(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+
+
+def test_text_warmstart_lowers_the_loss(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path, with_images=False)
+    gen = build_generators(TINY, list(ds.items["text"]) + list(ds.items["keywords"]), seed=0)
+    examples = text_warmstart_examples(ds.items)
+    stats = train_text_warmstart(gen.lm, gen.lm_tokenizer, examples, 40, 8, 3e-3, seed=0, progress=False)
+    assert stats["steps"] == 40
+    assert stats["loss_last"] < 0.6 * stats["loss_first"]
+    assert not gen.lm.training
+
+
+def test_image_warmstart_lowers_the_loss_and_trains_the_text_encoder(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path)
+    gen = build_generators(TINY, list(ds.items["keywords"]), seed=0)
+    prompts, images = warmstart.image_warmstart_examples(
+        ds, "{keywords}", image_size(gen.pipe), progress=False
+    )
+    assert images.shape == (12, SIDE, SIDE, 3) and prompts[0] == "red lamp"
+    encoder_before = [p.clone() for p in gen.pipe.text_encoder.parameters()]
+    stats = train_image_warmstart(gen.pipe, prompts, images, 30, 8, 3e-3, seed=0, progress=False)
+    assert stats["loss_last"] < 0.7 * stats["loss_first"]
+    changed = [not torch.equal(a, b) for a, b in zip(encoder_before, gen.pipe.text_encoder.parameters())]
+    assert any(changed)
+    assert not gen.pipe.unet.training and not gen.pipe.text_encoder.training
+
+
+def test_second_call_loads_from_the_cache_and_another_config_misses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ds = make_dataset(tmp_path / "data")
+    first = warm_start(ds, TINY, FEW_STEPS, tmp_path / "cache", seed=0, progress=False)
+    assert set(first.info["warmstart"]) == {"text", "image"}
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again instead of loading the cache")
+
+    monkeypatch.setattr(warmstart, "train_text_warmstart", fail)
+    monkeypatch.setattr(warmstart, "train_image_warmstart", fail)
+    again = warm_start(ds, TINY, FEW_STEPS, tmp_path / "cache", seed=0, progress=False)
+    assert again.info["dataset_hash"] == ds.meta["content_hash"]
+    state, loaded = first.lm.state_dict(), again.lm.state_dict()
+    assert all(torch.equal(state[k], loaded[k]) for k in state)
+    with pytest.raises(AssertionError, match="trained again"):
+        warm_start(
+            ds, TINY, WarmStartConfig(text_steps=3, image_steps=2, batch_size=4), tmp_path / "cache", 0, False
+        )
+
+
+def test_cache_key_follows_dataset_config_and_seed_but_not_device() -> None:
+    key = warmstart_key("abc", TINY, FEW_STEPS, 0)
+    assert key.startswith("abc-")
+    assert warmstart_key("abd", TINY, FEW_STEPS, 0) != key
+    assert warmstart_key("abc", TINY, FEW_STEPS, 1) != key
+    assert (
+        warmstart_key(
+            "abc", TINY, WarmStartConfig(lr_image=2e-3, text_steps=2, image_steps=2, batch_size=4), 0
+        )
+        != key
+    )
+    on_gpu = GeneratorConfig(**{**TINY.__dict__, "device": "cuda"})
+    assert warmstart_key("abc", on_gpu, FEW_STEPS, 0) == key
+
+
+def test_text_only_dataset_skips_the_image_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = make_dataset(tmp_path / "data", with_images=False)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained the image generator on a dataset without images")
+
+    monkeypatch.setattr(warmstart, "train_image_warmstart", fail)
+    gen = warm_start(ds, TINY, FEW_STEPS, tmp_path / "cache", seed=0, progress=False)
+    assert set(gen.info["warmstart"]) == {"text"}
+
+
+def test_config_rejects_bad_warmstart_values() -> None:
+    assert load_config().stage2.warmstart.text_prompt == "{keywords}:"
+    with pytest.raises(DppmgError, match="uncond_prob"):
+        load_config(overrides=["stage2.warmstart.uncond_prob=1.5"])
+    with pytest.raises(DppmgError, match="keywords"):
+        load_config(overrides=["stage2.warmstart.image_prompt=a photo"])
