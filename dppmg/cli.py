@@ -124,6 +124,14 @@ def _run_tokens(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `dppmg tokens inspect ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub unless the user allows it
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault(
