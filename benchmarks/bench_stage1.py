@@ -175,7 +175,7 @@ def scaling(sizes: list[int], epochs: int, seed: int) -> None:
         f"\n== scaling: full model (text+image branches, VQ on), {epochs} epoch(s) each, fresh process per size"
     )
     print(
-        f"{'interactions':>12} {'users':>8} {'items':>7} {'epoch s':>9} {'s per 1M':>9} {'valid eval s':>13} {'peak RSS MB':>12}"
+        f"{'interactions':>12} {'users':>8} {'items':>7} {'batch':>7} {'epoch s':>9} {'s per 1M':>9} {'valid eval s':>13} {'peak RSS MB':>12}"
     )
     ctx = multiprocessing.get_context("spawn")
     for n in sizes:

@@ -155,6 +155,9 @@ class Stage1Config:
     vq_commitment_weight: float = 0.25
     vq_dead_code_threshold: float = 2.0  # EMA cluster size below which a code is replaced
     vq_loss_weight: float = 1.0
+    # Distinct users quantized per step (a random subset beyond this; 0 = all). Bounds the VQ's cost on large
+    # graphs; the default world and ml-latest-small have fewer users per batch.
+    vq_users_per_step: int = 4096
     # Users whose whole tuple collides are always counted; with this on, the token checkpoint gets one more level
     # whose code is the user's rank among the users sharing the tuple, so every user has distinct tokens.
     collision_level: bool = False
@@ -302,6 +305,8 @@ class Config:
         for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every"):
             if getattr(st, key) < 1:
                 raise DppmgError(f"stage1.{key} must be >= 1, got {getattr(st, key)}")
+        if st.vq_users_per_step < 0:
+            raise DppmgError(f"stage1.vq_users_per_step must be >= 0 (0 = all), got {st.vq_users_per_step}")
         if st.max_steps_per_epoch < 0:
             raise DppmgError(
                 f"stage1.max_steps_per_epoch must be >= 0 (0 = off), got {st.max_steps_per_epoch}"

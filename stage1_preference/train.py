@@ -92,6 +92,7 @@ class Stage1Trainer:
         params = list(self.model.parameters()) + [p for p in self.quantizer.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
         self.rng = np.random.default_rng(seed)
+        self.torch_rng = torch.Generator().manual_seed(seed)  # which users the VQ sees on large graphs
         self.state = TrainState()
 
     @property
@@ -157,14 +158,24 @@ class Stage1Trainer:
         if self.vq_active:
             # The tokens must carry the ranking signal themselves: score with quantized user vectors too.
             # Quantize each distinct user of the batch once (a batch repeats active users many times): less
-            # work, and the codebook's EMA statistics count users, not interactions.
-            uniq, inverse = torch.unique(u, return_inverse=True)
-            quantized, vq_loss = dict(users), torch.zeros((), device=self.device)
+            # work, and the codebook's EMA statistics count users, not interactions. On large graphs only a
+            # random subset of them (stage1.vq_users_per_step) is quantized, and the quantized BPR term is the
+            # mean over their rows: an unbiased estimate of it at a bounded cost per step.
+            uniq = torch.unique(u)
+            cap = self.cfg.vq_users_per_step
+            if 0 < cap < len(uniq):
+                pick = torch.randperm(len(uniq), generator=self.torch_rng, device="cpu")[:cap].to(uniq.device)
+                uniq = uniq[pick].sort().values
+            rows = torch.isin(u, uniq)  # (B,) batch rows whose user is quantized this step
+            slot = torch.searchsorted(uniq, u[rows])
+            quantized, vq_loss = {b: e[rows] for b, e in users.items()}, torch.zeros((), device=self.device)
             for m in self.modalities:
                 q = self.quantizer(m, emb.users[m][uniq])
-                quantized[m] = q.quantized[inverse]
+                quantized[m] = q.quantized[slot]
                 vq_loss = vq_loss + q.loss
-            bpr_q = bpr_loss(score(quantized, pos_items), score(quantized, neg_items))
+            pos_q = {b: e[rows] for b, e in pos_items.items()}
+            neg_q = {b: e[rows] for b, e in neg_items.items()}
+            bpr_q = bpr_loss(score(quantized, pos_q), score(quantized, neg_q))
             loss = loss + self.cfg.quantized_bpr_weight * bpr_q + self.cfg.vq_loss_weight * vq_loss
             parts.update(bpr_quantized=bpr_q.detach(), vq=vq_loss.detach())
         parts["loss"] = loss  # the caller backpropagates this one; the others are detached for logging
@@ -206,6 +217,7 @@ class Stage1Trainer:
             "optimizer": self.optimizer.state_dict(),
             "state": self.state.__dict__,
             "rng": self.rng.bit_generator.state,
+            "vq_rng": self.torch_rng.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
 
@@ -215,6 +227,7 @@ class Stage1Trainer:
         self.optimizer.load_state_dict(sd["optimizer"])
         self.state = TrainState(**sd["state"])
         self.rng.bit_generator.state = sd["rng"]
+        self.torch_rng.set_state(sd["vq_rng"])
         torch.set_rng_state(sd["torch_rng"])
 
 

@@ -185,3 +185,24 @@ def test_collision_level_too_small_codebook_is_a_clear_error(tmp_path):
             ),  # fmt: skip
             progress=False,
         )
+
+
+def test_vq_sees_at_most_vq_users_per_step(finished):
+    from dppmg.data.format import load_dataset
+    from stage1_preference.train import Stage1Trainer
+
+    tmp, cfg, _ = finished
+    ds = load_dataset(cfg.data.processed_dir)
+    tr = Stage1Trainer(ds, cfg_for(tmp, "stage1.vq_users_per_step=5", "stage1.vq_warmup_epochs=0").stage1, 0)
+    tr._init_quantizer()
+    seen = []
+    real_forward = tr.quantizer.forward
+
+    def recording(m, x):
+        seen.append(len(x))
+        return real_forward(m, x)
+
+    tr.quantizer.forward = recording
+    logs = tr.train_epoch(progress=False)
+    assert seen and max(seen) == 5  # batches of 128 hold many more than 5 distinct users
+    assert torch.isfinite(torch.tensor(logs["train/bpr_quantized"]))
