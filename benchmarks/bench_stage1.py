@@ -29,9 +29,8 @@ from dppmg.config import Config, load_config
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.data.prepare import prepare
 from dppmg.seeding import seed_everything
-from stage1_preference.baselines import train_lightgcn
+from stage1_preference.baselines import train_id_only_gnn, train_lightgcn
 from stage1_preference.evaluate import full_ranking_metrics
-from stage1_preference.model import ModalGNN, bpr_loss, sample_bpr, score
 from stage1_preference.train import Stage1Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,67 +64,16 @@ def run_ours(ds: ProcessedDataset, cfg: Config, epochs: int) -> dict:
     }
 
 
-def run_id_only(ds: ProcessedDataset, cfg: Config, epochs: int) -> dict:
-    """Our propagation with a single id branch and plain BPR: what LightGCN computes, through our code."""
-    seed_everything(cfg.seed)
-    s1 = cfg.stage1
-    train = ds.split("train")
-    u_all, i_all = (
-        train["user_idx"].to_numpy(np.int64, copy=True),
-        train["item_idx"].to_numpy(np.int64, copy=True),
-    )
-    from stage1_preference.graph import build_norm_adj
-
-    adj = build_norm_adj(ds.num_users, ds.num_items, torch.from_numpy(u_all), torch.from_numpy(i_all))
-    model = ModalGNN(ds.num_users, ds.num_items, {}, dim=s1.dim, layers=s1.layers, id_branch=True)
-    opt = torch.optim.Adam(model.parameters(), lr=s1.lr)
-    rng = np.random.default_rng(cfg.seed)
-    times, best = [], (-1.0, 0.0)
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        model.train()
-        u, p, n = sample_bpr(u_all, i_all, ds.num_items, rng)
-        order = torch.from_numpy(rng.permutation(len(u)))
-        u, p, n = u[order], p[order], n[order]
-        for s in range(0, len(u), s1.batch_size):
-            sl = slice(s, s + s1.batch_size)
-            emb = model(adj)
-            users = {b: e[u[sl]] for b, e in emb.users.items()}
-            loss = bpr_loss(
-                score(users, {b: e[p[sl]] for b, e in emb.items.items()}),
-                score(users, {b: e[n[sl]] for b, e in emb.items.items()}),
-            )
-            l0 = model.layer0()
-            reg = sum(
-                l0.users[b][u[sl]].pow(2).sum()
-                + l0.items[b][p[sl]].pow(2).sum()
-                + l0.items[b][n[sl]].pow(2).sum()
-                for b in l0.users
-            )
-            loss = loss + s1.reg_weight * reg / (2 * len(u[sl]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - t0)
-        model.eval()
-        with torch.no_grad():
-            emb = model(adj)
-        r = full_ranking_metrics(emb.users, emb.items, ds.interactions, "valid", [20])["recall@20"]
-        if r > best[0]:
-            best = (r, full_ranking_metrics(emb.users, emb.items, ds.interactions, "test", [20])["recall@20"])
-    return {"epoch_seconds": float(np.mean(times)), "recall@20": best[1]}
-
-
 def compare(name: str, ds: ProcessedDataset, cfg: Config, epochs: int) -> None:
     s1 = cfg.stage1
     print(f"\n== {name}: {ds.num_users:,} users, {ds.num_items:,} items, {len(ds.split('train')):,} train interactions; "
           f"dim {s1.dim}, layers {s1.layers}, batch {s1.batch_size}, epochs {epochs}, lr {s1.lr}")  # fmt: skip
     ours = run_ours(ds, cfg, epochs)
-    id_only = run_id_only(ds, cfg, epochs)
-    pyg = train_lightgcn(
-        ds, dim=s1.dim, layers=s1.layers, epochs=epochs, batch_size=s1.batch_size, lr=s1.lr,
-        reg_weight=s1.reg_weight, seed=cfg.seed, ks=[20], patience=epochs, progress=False,
-    )  # fmt: skip
+    # Same harness (sampler, timing, early-stopping choice) for both: only the propagation code differs.
+    same = dict(dim=s1.dim, layers=s1.layers, epochs=epochs, batch_size=s1.batch_size, lr=s1.lr,
+                reg_weight=s1.reg_weight, seed=cfg.seed, ks=[20], patience=epochs)  # fmt: skip
+    id_only = train_id_only_gnn(ds, **same)
+    pyg = train_lightgcn(ds, **same)
     print(f"{'model':<26} {'epoch s':>9} {'recall@20':>10} {'vs PyG time':>12} {'vs PyG recall':>14}")
     rows = [
         ("ours (full, continuous)", ours["epoch_seconds"], ours["recall@20"]),

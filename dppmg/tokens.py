@@ -408,7 +408,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Statistics (kept here rather than imported from stage 1, so that inspecting needs no stage-1 code)
+# Statistics of codes: the one copy (stage 1 uses them too), here so that inspecting needs no stage-1 code
 
 
 def level_usage(codes: torch.Tensor, codebook_size: int) -> list[float]:
@@ -421,6 +421,12 @@ def unique_tuple_ratio(codes: torch.Tensor) -> float:
     if codes.shape[0] == 0:
         return 0.0
     return torch.unique(codes, dim=0).shape[0] / codes.shape[0]
+
+
+def users_sharing_tuple(codes: torch.Tensor) -> int:
+    """How many rows of codes [N, L] have a tuple that at least one other row also has (collisions)."""
+    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
+    return int((counts[inverse] > 1).sum())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -462,7 +468,14 @@ def inspect_text(ckpt: TokenCheckpoint, top: int = TOP_TUPLES) -> str:
         codes = ckpt.codes[m]
         size = f"{ckpt.levels(m)} × {ckpt.codebook_size(m)}"
         rows.append(
-            [m, ckpt.prefix(m), size, ckpt.dim(m), f"{unique_tuple_ratio(codes):.3f}", _shared(codes)]
+            [
+                m,
+                ckpt.prefix(m),
+                size,
+                ckpt.dim(m),
+                f"{unique_tuple_ratio(codes):.3f}",
+                users_sharing_tuple(codes),
+            ]
         )
     lines += _table(rows, indent="")
 
@@ -486,12 +499,6 @@ def inspect_text(ckpt: TokenCheckpoint, top: int = TOP_TUPLES) -> str:
     if scalars:
         lines += ["", "metrics (stage 1)"] + _table([["metric", "value"], *scalars])
     return "\n".join(lines) + "\n"
-
-
-def _shared(codes: torch.Tensor) -> int:
-    """Users whose whole code tuple also belongs to another user."""
-    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
-    return int((counts[inverse] > 1).sum())
 
 
 def show_user_text(

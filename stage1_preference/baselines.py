@@ -32,7 +32,8 @@ from dppmg.config import Stage1Config
 from dppmg.data.format import ProcessedDataset
 from dppmg.errors import DppmgError
 from stage1_preference.evaluate import DEFAULT_KS, full_ranking_metrics
-from stage1_preference.model import bpr_loss, sample_bpr
+from stage1_preference.graph import build_norm_adj
+from stage1_preference.model import ID_BRANCH, ModalGNN, bpr_loss, l2_penalty, sample_bpr
 
 EARLY_STOP_METRIC = "recall@20"
 EVAL_BATCH_SIZE = 1024
@@ -132,9 +133,66 @@ class PygLightGCN(nn.Module):
         return f"{type(self).__name__}({self.model!r})"
 
 
+class IdOnlyGNN(nn.Module):
+    """Our propagation (`ModalGNN` with one id branch, no features, no quantizer) as a ranker.
+
+    It computes what LightGCN computes, through our code, so that next to `PygLightGCN` in `fit_ranker` it is the
+    like-for-like speed comparison: same sampler, same epochs, same loss convention as stage 1.
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        train_users: np.ndarray,
+        train_items: np.ndarray,
+        dim: int,
+        layers: int,
+    ):
+        super().__init__()
+        self.gnn = ModalGNN(num_users, num_items, {}, dim=dim, layers=layers, id_branch=True)
+        u, i = torch.tensor(train_users, dtype=torch.long), torch.tensor(train_items, dtype=torch.long)
+        self.adj = build_norm_adj(num_users, num_items, u, i)
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.gnn(self.adj)
+        return emb.users[ID_BRANCH], emb.items[ID_BRANCH]
+
+    def loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg_weight: float) -> torch.Tensor:
+        users, items = self.embeddings()
+        bpr = bpr_loss((users[u] * items[pos]).sum(-1), (users[u] * items[neg]).sum(-1))
+        return bpr + reg_weight * l2_penalty(self.gnn.layer0(), u, pos, neg)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.gnn!r})"
+
+
+def train_id_only_gnn(
+    ds: ProcessedDataset,
+    dim: int = 64,
+    layers: int = 3,
+    epochs: int = 60,
+    batch_size: int = 4096,
+    lr: float = 5e-3,
+    reg_weight: float = 1e-4,
+    seed: int = 0,
+    ks: Sequence[int] = DEFAULT_KS,
+    patience: int = 10,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train `IdOnlyGNN` and return its test metrics at the best validation epoch."""
+    train = ds.split("train")
+    users, items = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = IdOnlyGNN(ds.num_users, ds.num_items, users, items, dim, layers)
+    return fit_ranker(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
+
+
 Ranker = (
-    MatrixFactorization | PygLightGCN
-)  # both have embeddings() -> (users, items) and loss(u, pos, neg, reg)
+    MatrixFactorization | PygLightGCN | IdOnlyGNN
+)  # each has embeddings() -> (users, items) and loss(u, pos, neg, reg)
 
 
 def train_mf_bpr(
@@ -154,7 +212,7 @@ def train_mf_bpr(
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
         torch.manual_seed(seed)
         model = MatrixFactorization(ds.num_users, ds.num_items, dim)
-    return _fit(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
+    return fit_ranker(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
 
 
 def train_lightgcn(
@@ -178,7 +236,7 @@ def train_lightgcn(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = PygLightGCN(ds.num_users, ds.num_items, users, items, dim, layers, sparse_adjacency)
-    return _fit(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
+    return fit_ranker(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
 
 
 def run_baselines(
@@ -208,7 +266,7 @@ def run_baselines(
     return {name: runners[name]() for name in names}
 
 
-def _fit(
+def fit_ranker(
     model: Ranker,
     ds: ProcessedDataset,
     epochs: int,

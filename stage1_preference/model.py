@@ -224,6 +224,17 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return F.softplus(neg - pos).mean()
 
 
+def l2_penalty(layer0: Embeddings, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """L2 on the batch's layer-0 rows over all branches, LightGCN's convention: sum of squares / 2B."""
+    total = sum(
+        layer0.users[b][u].pow(2).sum()
+        + layer0.items[b][pos].pow(2).sum()
+        + layer0.items[b][neg].pow(2).sum()
+        for b in layer0.users
+    )
+    return total / (2 * len(u))
+
+
 def pair_keys(user_idx: np.ndarray, item_idx: np.ndarray, num_items: int) -> np.ndarray:
     """(user, item) pairs as sorted unique int64 keys user · I + item, for fast membership tests."""
     keys = np.sort(np.asarray(user_idx, np.int64) * num_items + np.asarray(item_idx, np.int64))

@@ -19,6 +19,7 @@ from torch import nn
 from vector_quantize_pytorch import ResidualVQ
 
 from dppmg.errors import DppmgError
+from dppmg.tokens import level_usage, unique_tuple_ratio
 
 KMEANS_ITERS = 10
 
@@ -134,22 +135,15 @@ class PreferenceQuantizer(nn.Module):
         return self._rvq(modality).codebooks
 
 
-def codebook_usage(codes: torch.Tensor, codebook_size: int) -> list[float]:
-    """Per level, the share of the K codes that at least one row uses; codes [N, L]."""
-    return [len(torch.unique(codes[:, level])) / codebook_size for level in range(codes.shape[1])]
+# The code statistics live in dppmg.tokens, so that a token checkpoint can be summarised without stage-1 code.
+codebook_usage = level_usage
 
 
 def unique_code_ratio(codes: torch.Tensor) -> float:
     """Distinct code tuples / N for codes [N, L]: 1.0 when no two rows share a tuple."""
     if len(codes) == 0:
         raise DppmgError("unique_code_ratio of an empty set of codes is undefined")
-    return len(torch.unique(codes, dim=0)) / len(codes)
-
-
-def users_sharing_tuple(codes: torch.Tensor) -> int:
-    """How many rows of codes [N, L] have a tuple that at least one other row also has (collisions)."""
-    _, inverse, counts = torch.unique(codes, dim=0, return_inverse=True, return_counts=True)
-    return int((counts[inverse] > 1).sum())
+    return unique_tuple_ratio(codes)
 
 
 def collision_index(codes: torch.Tensor) -> torch.Tensor:

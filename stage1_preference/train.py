@@ -24,19 +24,18 @@ from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, finished_with, write_json, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
-from dppmg.tokens import save_token_checkpoint
+from dppmg.tokens import save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import build_tracker
 from stage1_preference.evaluate import full_ranking_metrics, preference_recovery
 from stage1_preference.features import residualize
 from stage1_preference.graph import build_knn_graph, build_norm_adj
-from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, sample_bpr, score
+from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, l2_penalty, sample_bpr, score
 from stage1_preference.quantizer import (
     PreferenceQuantizer,
     codebook_usage,
     collision_index,
     disambiguation_codebook,
     unique_code_ratio,
-    users_sharing_tuple,
 )
 
 
@@ -148,12 +147,7 @@ class Stage1Trainer:
         pos_items = {b: e[pos] for b, e in emb.items.items()}
         neg_items = {b: e[neg] for b, e in emb.items.items()}
         bpr = bpr_loss(score(users, pos_items), score(users, neg_items))
-        l0 = self.model.layer0()
-        reg = sum(
-            l0.users[b][u].pow(2).sum() + l0.items[b][pos].pow(2).sum() + l0.items[b][neg].pow(2).sum()
-            for b in l0.users
-        ) / (2 * len(u))
-        loss = bpr + self.cfg.reg_weight * reg
+        loss = bpr + self.cfg.reg_weight * l2_penalty(self.model.layer0(), u, pos, neg)
         parts = {"bpr": bpr.detach()}
         if self.vq_active:
             # The tokens must carry the ranking signal themselves: score with quantized user vectors too.

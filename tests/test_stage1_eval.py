@@ -246,10 +246,14 @@ def _random_recall(ds: ProcessedDataset) -> float:
     return metrics["recall@10"]
 
 
-@pytest.mark.parametrize("name", ["mf_bpr", "lightgcn"])
+@pytest.mark.parametrize("name", ["mf_bpr", "lightgcn", "id_only_gnn"])
 def test_trained_baselines_beat_random(tmp_path, name):
     ds = _planted_dataset(tmp_path)
-    train = {"mf_bpr": baselines.train_mf_bpr, "lightgcn": baselines.train_lightgcn}[name]
+    train = {
+        "mf_bpr": baselines.train_mf_bpr,
+        "lightgcn": baselines.train_lightgcn,
+        "id_only_gnn": baselines.train_id_only_gnn,
+    }[name]
     out = train(ds, dim=16, epochs=15, batch_size=64, lr=0.02, seed=0, ks=[10, 20], patience=15)
     assert {"recall@10", "ndcg@10", "recall@20", "ndcg@20", "users_evaluated", "epoch_seconds"} <= set(out)
     assert {"best_epoch", "epochs_run", "best_valid_recall@20"} <= set(out)

@@ -337,7 +337,7 @@ def test_codebook_usage_and_unique_code_ratio_on_hand_made_codes():
 
 
 def test_users_sharing_tuple_counts_collisions():
-    from stage1_preference.quantizer import users_sharing_tuple
+    from dppmg.tokens import users_sharing_tuple
 
     codes = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 3], [3, 4], [5, 5]])
     assert users_sharing_tuple(codes) == 4  # rows 0, 1 share (1, 2); rows 2, 4 share (3, 4)
