@@ -53,6 +53,12 @@ def cmd_stage1(cfg: Config, ns: argparse.Namespace) -> None:
     run_stage1(cfg, progress=not ns.quiet)
 
 
+def cmd_stage2(cfg: Config, ns: argparse.Namespace) -> None:
+    from stage2_generation.pipeline import run_stage2
+
+    run_stage2(cfg, progress=not ns.quiet)
+
+
 def cmd_config_show(cfg: Config, ns: argparse.Namespace) -> None:
     print(to_yaml(cfg), end="")
 
@@ -61,6 +67,10 @@ COMMANDS: dict[tuple[str, str | None], tuple[Callable[[Config, argparse.Namespac
     ("stage1", None): (
         cmd_stage1,
         "train the modal-specific GNN + residual VQ; write metrics and the token checkpoint",
+    ),
+    ("stage2", None): (
+        cmd_stage2,
+        "inject the tokens into the generators, ground them, RL-tune them; write metrics, gallery, exports",
     ),
     ("data", "prepare"): (cmd_data_prepare, "build the processed dataset, item features and the scorer"),
     ("data", "stats"): (cmd_data_stats, "print dataset statistics; write stats.json and a sample grid PNG"),
@@ -101,7 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument(
         "--user", required=True, help="user id as in the source data, or #<index> for a user index"
     )
+    gp = groups.add_parser(
+        "generate",
+        help="text + image for users and targets with a finished run's tokens",
+        description="Generate a text and a PNG for every (user, target) with the preference tokens of a "
+        "finished stage 2. Writes <out>/<user>__<target>.png and appends to <out>/generations.jsonl.",
+    )
+    gp.add_argument("run", help="run name (runs/<run>) or run folder")
+    gp.add_argument("--user", action="append", required=True, help="user id or row index (repeatable)")
+    gp.add_argument(
+        "--target", action="append", required=True, help="target keywords, e.g. 'lamp' (repeatable)"
+    )
+    gp.add_argument("--out", help="output folder (default: runs/<run>/stage2/generate)")
+    gp.add_argument("--no-tokens", action="store_true", help="the non-personalized baseline: keywords only")
+    gp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    gp.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     return p
+
+
+def _run_generate(ns: argparse.Namespace, overrides: list[str]) -> int:
+    from stage2_generation.pipeline import generate
+
+    rows = generate(
+        ns.run, ns.user, ns.target, out=Path(ns.out) if ns.out else None, personalized=not ns.no_tokens,
+        overrides=overrides, progress=not ns.quiet,
+    )  # fmt: skip
+    for r in rows:
+        print(f"{r['user_id']} | {r['target']} | {r['image']}\n  {r['text']}")
+    return 0
 
 
 def _run_tokens(ns: argparse.Namespace) -> int:
@@ -134,18 +171,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing loads from a hub unless the user allows it
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers' and diffusers' notices (optional backends, unsaved None components) are not the user's concern.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault(
         "HF_HUB_DISABLE_PROGRESS_BARS", "1"
     )  # transformers' "Loading weights" bars; ours stay
     parser = build_parser()
     # Options may come after the key=value arguments (`dppmg data prepare cfg.yaml a=1 -q`).
     ns, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or ns.group == "tokens"]
+    unknown = [
+        a
+        for a in extra
+        if a.startswith("-") or ns.group == "tokens" or (ns.group == "generate" and "=" not in a)
+    ]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_logging(getattr(ns, "verbose", False))
     if ns.group == "tokens":
         return _run_tokens(ns)
+    if ns.group == "generate":
+        try:
+            return _run_generate(ns, extra)
+        except DppmgError as e:
+            print(f"dppmg: error: {e}", file=sys.stderr)
+            return 2
     ns.args = [*ns.args, *extra]
     func, _ = COMMANDS[(ns.group, getattr(ns, "name", None))]
     try:

@@ -185,9 +185,11 @@ class GeneratorConfig:
     text_heads: int = 2
     image_pipeline: str | None = None  # Stable-Diffusion pipeline (hub id or folder); None = the tiny one
     image_size: int = 32  # tiny pipeline's side in pixels; each UNet level halves it
-    # One UNet level per entry. Cross-attention sits at every level but the first (full-resolution) one:
-    # at 32 px that is 16 and 8 px, since attention at 32 px triples the cost (REFERENCE.md).
+    # One UNet level per entry, each halving the side. Cross-attention (with self-attention) sits at the
+    # lowest-resolution `unet_attention_levels` levels and in the middle block, never at full resolution:
+    # attention at 32 px triples the cost (REFERENCE.md).
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    unet_attention_levels: int = 1  # 0 leaves only the middle block's attention
     unet_layers_per_block: int = 1
     unet_heads: int = 4  # attention heads in the UNet's transformer blocks; must divide their channels
     text_encoder_vocab: int = 2000  # tiny CLIP text encoder's word-level vocabulary, special tokens excluded
@@ -201,6 +203,8 @@ class GeneratorConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     clip_sample: bool = True  # clip each DDIM step's predicted image to [-1, 1] (pixel space's range)
+    # What the tiny UNet predicts: epsilon | v_prediction | sample (the noise, the velocity, the clean image).
+    prediction_type: str = "sample"  # sample: recognizable items in a few minutes of CPU training (epsilon: noise)
     device: str = "cpu"  # cpu | cuda | auto
 
 
@@ -212,16 +216,92 @@ class WarmStartConfig:
     the item's image from a prompt made of its keywords. Both are cached per dataset and config.
     """
 
-    text_steps: int = 300  # LM optimizer steps; 0 skips the text part
-    image_steps: int = 400  # diffusion optimizer steps (~0.74 s each at batch 32 on 2 cores); 0 skips it
+    text_steps: int = 1000  # LM optimizer steps (~30 ms each); 0 skips the text part
+    image_steps: int = 450  # diffusion optimizer steps (~0.74 s each at batch 32 on 2 cores); 0 skips it
     batch_size: int = 32
-    lr_text: float = 1e-3
+    lr_text: float = 3e-3
     lr_image: float = 1e-3
     text_prompt: str = "{keywords}:"  # the LM prompt; the item text is the continuation
     image_prompt: str = "{keywords}"  # the image generator's prompt
     # Share of image prompts replaced by "" during training, so classifier-free guidance has an unconditional model.
     uncond_prob: float = 0.1
+    # Share of image prompts replaced by the item's text (its caption): the diffusion model learns to follow
+    # descriptive words such as colours and patterns, which is what lets preference tokens steer it later
+    # (a model trained on keywords alone only ever learns the category).
+    image_caption_prob: float = 0.5
     max_grad_norm: float = 1.0
+    # Learning rate: linear warm-up over this share of each part's steps, then cosine decay to 0.
+    warmup: float = 0.05
+    # Decay of the exponential moving average of the UNet and text-encoder weights, which is what the saved
+    # generators hold (it samples cleaner images than the last weights); 0 keeps the last weights instead.
+    ema_decay: float = 0.0
+
+
+@dataclass
+class GroundingConfig:
+    """Supervised grounding of the injected tokens on the training users' own interactions (user u, item i).
+
+    Text: the LM loss of i's text given u's text tokens and i's keywords. Image: the diffusion loss of i's image
+    given u's image tokens and i's keywords. Only the token-associated parameters train.
+    """
+
+    text_steps: int = 300  # 0 skips the text part
+    image_steps: int = 150  # each costs about one warm-start image step (the UNet's backward is needed)
+    batch_size: int = 32
+    lr: float = 1e-2
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    """PPO-style fine-tuning of the token-associated parameters on the combined reward.
+
+    Each iteration is a text round (GRPO: G sampled texts per (user, target), group-relative advantages, a
+    clipped ratio per token) and an image round (DDPO: G stochastic DDIM samples per pair, per-pair advantage
+    normalisation, a clipped ratio per denoising step). Every rollout is paired with the other modality's
+    generation for the same (user, target), so the consistency term couples the two.
+    """
+
+    iterations: int = 6  # 0 skips RL (heldout.rl then equals heldout.grounded)
+    pairs_per_round: int = 8  # distinct (training user, target) pairs per round
+    group_size: int = 4  # samples per pair; advantages are normalised within each pair's group
+    minibatch_size: int = 8  # samples per PPO update
+    text_epochs: int = 2  # PPO passes over a text round's samples
+    image_epochs: int = 1  # PPO passes over an image round's samples (each costs a UNet backward per step)
+    clip_range: float = 0.2
+    adv_clip_max: float = 5.0
+    # A round's remaining updates are skipped once the mean approximate KL to the rollout policy exceeds this.
+    max_approx_kl: float = 0.1
+    lr_text: float = 2e-3
+    lr_image: float = 2e-3
+    max_grad_norm: float = 1.0
+    text_temperature: float = (
+        1.0  # sampling temperature of the text rollouts (and of their log-probabilities)
+    )
+    image_steps: int = 10  # DDIM steps of an image rollout
+    eta: float = 1.0  # DDIM noise weight of the rollouts: > 0 makes each step a Gaussian policy
+    # The reward: registered reward names (stage2_generation/rewards.py) and their weights.
+    weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "personalization_text": 1.0,
+            "personalization_image": 1.0,
+            "consistency": 1.0,
+            "fidelity": 0.5,
+        }
+    )
+
+
+@dataclass
+class GenerationConfig:
+    """Generation for evaluation, the gallery and `dppmg generate`."""
+
+    heldout_users: int = 64  # users kept out of grounding and RL; stage2/metrics.json is measured on them
+    gallery_users: int = 8  # held-out users shown in stage2/gallery.html
+    max_new_tokens: int = 40
+    temperature: float = 0.7  # text sampling temperature; <= 0 decodes greedily
+    image_steps: int = 20  # DDIM steps (eta = 0)
+    guidance: float = 3.0  # classifier-free guidance scale
+    batch_size: int = 32
 
 
 @dataclass
@@ -230,6 +310,10 @@ class Stage2Config:
 
     generators: GeneratorConfig = field(default_factory=GeneratorConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    overwrite: bool = False  # replace a finished stage-2 result of another config
 
 
 @dataclass
@@ -328,6 +412,7 @@ class Config:
             raise DppmgError(f"run_name must be a plain folder name, got {self.run_name!r}")
         _validate_generators(self.stage2.generators)
         _validate_warmstart(self.stage2.warmstart)
+        _validate_stage2(self.stage2)
         return self
 
 
@@ -335,6 +420,7 @@ def _validate_generators(g: GeneratorConfig) -> None:
     key = "stage2.generators"
     _choice(f"{key}.device", g.device, ("cpu", "cuda", "auto"))
     _choice(f"{key}.beta_schedule", g.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
+    _choice(f"{key}.prediction_type", g.prediction_type, ("epsilon", "v_prediction", "sample"))
     sizes = (
         "text_vocab", "text_max_length", "text_dim", "text_layers", "text_heads", "image_size",
         "unet_layers_per_block", "unet_heads", "text_encoder_vocab", "text_encoder_max_length",
@@ -353,12 +439,18 @@ def _validate_generators(g: GeneratorConfig) -> None:
             raise DppmgError(
                 f"{key}.{dim} ({getattr(g, dim)}) must be a multiple of {key}.{heads} ({getattr(g, heads)})"
             )
-    attended = g.unet_channels[1:]  # the levels with cross-attention (the middle block is the last one)
+    levels = len(g.unet_channels)
+    if not 0 <= g.unet_attention_levels < levels:
+        raise DppmgError(
+            f"{key}.unet_attention_levels must be in [0, {levels - 1}] (never the full-resolution level of the "
+            f"{levels}), got {g.unet_attention_levels}"
+        )
+    # The levels with cross-attention, and the middle block at the last level's width.
+    attended = sorted(set(g.unet_channels[levels - g.unet_attention_levels :] + g.unet_channels[-1:]))
     if any(c % g.unet_heads for c in attended):
         raise DppmgError(
             f"{key}.unet_heads ({g.unet_heads}) must divide the channels {attended} of the attention levels"
         )
-    levels = len(g.unet_channels)
     if g.image_size % 2 ** (levels - 1):
         raise DppmgError(
             f"{key}.image_size ({g.image_size}) must be divisible by 2^{levels - 1}: the UNet halves it "
@@ -382,11 +474,65 @@ def _validate_warmstart(w: WarmStartConfig) -> None:
     for name in ("lr_text", "lr_image", "max_grad_norm"):
         if getattr(w, name) <= 0:
             raise DppmgError(f"{key}.{name} must be > 0, got {getattr(w, name)}")
+    if not 0 <= w.image_caption_prob <= 1:
+        raise DppmgError(f"{key}.image_caption_prob must be in [0, 1], got {w.image_caption_prob}")
     if not 0 <= w.uncond_prob < 1:
         raise DppmgError(f"{key}.uncond_prob must be in [0, 1), got {w.uncond_prob}")
+    if not 0 <= w.warmup < 1:
+        raise DppmgError(f"{key}.warmup must be in [0, 1), got {w.warmup}")
+    if not 0 <= w.ema_decay < 1:
+        raise DppmgError(f"{key}.ema_decay must be in [0, 1) (0 = no average), got {w.ema_decay}")
     for name in ("text_prompt", "image_prompt"):
         if "{keywords}" not in getattr(w, name):
             raise DppmgError(f"{key}.{name} must contain {{keywords}}, got {getattr(w, name)!r}")
+
+
+def _validate_stage2(s2: Stage2Config) -> None:
+    g, r, gen = s2.grounding, s2.rl, s2.generation
+    checks: list[tuple[str, float, float]] = [  # (key, value, smallest allowed)
+        ("grounding.text_steps", g.text_steps, 0),
+        ("grounding.image_steps", g.image_steps, 0),
+        ("grounding.batch_size", g.batch_size, 1),
+        ("rl.iterations", r.iterations, 0),
+        ("rl.pairs_per_round", r.pairs_per_round, 1),
+        ("rl.minibatch_size", r.minibatch_size, 1),
+        ("rl.text_epochs", r.text_epochs, 0),
+        ("rl.image_epochs", r.image_epochs, 0),
+        ("rl.image_steps", r.image_steps, 1),
+        ("generation.heldout_users", gen.heldout_users, 1),
+        ("generation.gallery_users", gen.gallery_users, 0),
+        ("generation.max_new_tokens", gen.max_new_tokens, 1),
+        ("generation.image_steps", gen.image_steps, 1),
+        ("generation.batch_size", gen.batch_size, 1),
+    ]
+    for key, value, low in checks:
+        if value < low:
+            raise DppmgError(f"stage2.{key} must be >= {low}, got {value}")
+    if r.group_size < 2:
+        raise DppmgError(
+            f"stage2.rl.group_size must be >= 2 (advantages are relative within a group), got {r.group_size}"
+        )
+    for key, value in (
+        ("grounding.lr", g.lr), ("grounding.max_grad_norm", g.max_grad_norm), ("rl.lr_text", r.lr_text),
+        ("rl.lr_image", r.lr_image), ("rl.max_grad_norm", r.max_grad_norm), ("rl.clip_range", r.clip_range),
+        ("rl.adv_clip_max", r.adv_clip_max), ("rl.max_approx_kl", r.max_approx_kl),
+        ("rl.text_temperature", r.text_temperature), ("generation.guidance", gen.guidance),
+    ):  # fmt: skip
+        if value <= 0:
+            raise DppmgError(f"stage2.{key} must be > 0, got {value}")
+    if not 0 < r.eta <= 1:
+        raise DppmgError(
+            f"stage2.rl.eta must be in (0, 1] (0 would make the DDIM policy deterministic), got {r.eta}"
+        )
+    if not r.weights:
+        raise DppmgError("stage2.rl.weights is empty: name at least one reward")
+    from stage2_generation.rewards import REWARDS  # late: the rewards module imports this one's errors
+
+    unknown = sorted(set(r.weights) - set(REWARDS))
+    if unknown:
+        raise DppmgError(
+            f"stage2.rl.weights: unknown reward {unknown[0]!r}; registered: {', '.join(sorted(REWARDS))}"
+        )
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

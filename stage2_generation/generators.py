@@ -201,7 +201,7 @@ def build_tiny_image_pipeline(
     """An untrained pixel-space Stable-Diffusion pipeline (no VAE) sized by the config; see the module docstring.
 
     Its text encoder is a `CLIPTextModel` over a word-level tokenizer of `texts`; the UNet attends to the text
-    encoder's hidden states at every level but the full-resolution one.
+    encoder's hidden states in its middle block and at the config's lowest-resolution levels.
     """
     corpus = [t for t in clean_texts(texts) if t]
     if not corpus:
@@ -215,7 +215,7 @@ def build_tiny_image_pipeline(
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
         beta_schedule=cfg.beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=cfg.prediction_type,
         # Clipping x0 to [-1, 1] by way of thresholding, since StableDiffusionPipeline resets clip_sample
         # (module docstring). With sample_max_value = 1 the "dynamic" threshold is always 1: plain clipping.
         clip_sample=False,
@@ -253,14 +253,17 @@ def _text_encoder_config(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfi
 
 
 def _tiny_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
-    levels = len(cfg.unet_channels)
+    plain = (
+        len(cfg.unet_channels) - cfg.unet_attention_levels
+    )  # the high-resolution levels, without attention
+    attended = cfg.unet_attention_levels
     return UNet2DConditionModel(
         sample_size=cfg.image_size,
         in_channels=3,  # RGB in pixel space
         out_channels=3,
         block_out_channels=tuple(cfg.unet_channels),
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attended,
+        up_block_types=("CrossAttnUpBlock2D",) * attended + ("UpBlock2D",) * plain,
         layers_per_block=cfg.unet_layers_per_block,
         cross_attention_dim=cfg.text_encoder_dim,
         # diffusers' legacy name: in UNet2DConditionModel, attention_head_dim is the number of heads.
@@ -394,6 +397,22 @@ def _is_injected(model: torch.nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------
 # Generation
+
+
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> torch.Tensor:
+    """[B, S, D] text-encoder states of the prompts, padded as `StableDiffusionPipeline.encode_prompt` pads them.
+
+    Differentiable (the pipeline's own encoding runs without gradients): the DDPO update and the grounding loss
+    need gradients to reach the injected token rows.
+    """
+    device = pipe.unet.device
+    tokens = pipe.tokenizer(
+        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    use_mask = getattr(pipe.text_encoder.config, "use_attention_mask", False)
+    mask = tokens["attention_mask"].to(device) if use_mask else None
+    return pipe.text_encoder(tokens["input_ids"].to(device), attention_mask=mask)[0]
 
 
 @torch.inference_mode()

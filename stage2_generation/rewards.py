@@ -76,6 +76,8 @@ class RewardInputs:
         history_text_emb: [N, H, Dt] text-encoder embeddings of the user's history item texts (padded).
         history_image_emb: [N, H, P] scorer embeddings of the user's history item images (padded).
         history_mask: bool [N, H], True at real history items (see `pad_history`); None means no padding.
+        history_image_mask: bool [N, H], True at history items that have an image; None means `history_mask`
+            (set it when some items have no image, so that they do not count in image personalization).
         target_text_emb: [N, Dt] text-encoder embedding of the target keywords.
         target_scorer_text_emb: [N, P] scorer text-tower embedding of the target keywords.
         target_image_emb: [N, P] scorer embedding of the target item's image.
@@ -89,6 +91,7 @@ class RewardInputs:
     history_text_emb: Tensor | None = None
     history_image_emb: Tensor | None = None
     history_mask: Tensor | None = None
+    history_image_mask: Tensor | None = None
     target_text_emb: Tensor | None = None
     target_scorer_text_emb: Tensor | None = None
     target_image_emb: Tensor | None = None
@@ -260,7 +263,8 @@ def personalization_text(inputs: RewardInputs) -> Tensor:
 def personalization_image(inputs: RewardInputs) -> Tensor:
     """Scorer similarity of the generated image to the user's history images, [N]."""
     gen, history = _require(inputs, "personalization_image", "gen_image_emb", "history_image_emb")
-    return history_similarity(gen, history, inputs.history_mask)
+    mask = inputs.history_mask if inputs.history_image_mask is None else inputs.history_image_mask
+    return history_similarity(gen, history, mask)
 
 
 @register_reward("consistency")

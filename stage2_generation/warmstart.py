@@ -4,9 +4,11 @@ Text: causal-LM loss of the item's text given a prompt made of its keywords ("re
 lamp ..." + EOS). Only the target tokens count: the prompt is what the user gives at generation time, so learning
 to predict it would spend capacity on nothing we sample.
 
-Image: the usual epsilon-prediction (or v-prediction, if the scheduler says so) diffusion loss of the item's image
-given its keywords, training the UNet and the text encoder together. A share of prompts is replaced by "" so the
-same model also learns the unconditional prediction that classifier-free guidance subtracts. The tiny pipeline
+Image: the diffusion loss of the item's image given its keywords, training the UNet and the text encoder together.
+The target is whatever the scheduler's prediction_type says: the noise, the velocity, or the clean image itself
+(the tiny pipeline's default: after a few minutes of training, an epsilon-predicting UNet still leaves visible noise
+in its samples, while one that predicts the image draws clean, flat items). A share of prompts is replaced by "" so
+the same model also learns the unconditional prediction that classifier-free guidance subtracts. The tiny pipeline
 works in pixel space (images scaled to [-1, 1]); a pipeline with a VAE trains on its scaled latents.
 
 `warm_start` builds the generators, trains both parts and caches the result per (dataset content hash, generator +
@@ -27,6 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -39,6 +43,7 @@ from stage2_generation.generators import (
     MANIFEST_FILE,
     Generators,
     build_generators,
+    encode_prompts,
     image_size,
     load_generators,
     save_generators,
@@ -49,7 +54,7 @@ KEYWORDS = "{keywords}"  # the placeholder in the prompt templates (str.replace,
 LOSS_WINDOW = (
     0.1  # loss_first / loss_last average this share of the steps: one diffusion step's loss is noisy
 )
-CACHE_VERSION = 1  # bump when the training recipe changes, so older caches are not reused
+CACHE_VERSION = 2  # bump when the training recipe changes, so older caches are not reused
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,16 +146,19 @@ def train_text_warmstart(
     seed: int,
     progress: bool = True,
     max_grad_norm: float = 1.0,
+    warmup: float = 0.05,
 ) -> dict[str, float]:
     """Fine-tune the whole LM on (prompt, target) pairs; returns loss_first, loss_last, seconds, steps.
 
-    Batches are drawn with replacement from a generator seeded by `seed`. The LM is left in eval mode.
+    Batches are drawn with replacement from a generator seeded by `seed`; the learning rate warms up over the
+    `warmup` share of the steps, then decays to 0 on a cosine. The LM is left in eval mode.
     """
     if not examples:
         raise DppmgError("text warm-start needs at least one (prompt, target) example")
     device = next(lm.parameters()).device
     max_length = _max_positions(lm, tokenizer)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr)
+    params = list(lm.parameters())
+    optimizer, schedule = _optimizer(params, lr, steps, warmup)
     rng = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -159,7 +167,7 @@ def train_text_warmstart(
         picks = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=rng).tolist()
         batch = text_batch(tokenizer, [examples[i] for i in picks], max_length)
         loss = lm(**{k: v.to(device) for k, v in batch.items()}).loss  # HF shifts the labels by one
-        losses.append(_step(optimizer, loss, lm.parameters(), max_grad_norm))
+        losses.append(_step(optimizer, schedule, loss, params, max_grad_norm))
     lm.eval()
     return _summary(losses, time.perf_counter() - start)
 
@@ -177,13 +185,7 @@ def diffusion_loss(
     length, no attention mask unless the encoder asks for one), so training and sampling see the same states.
     """
     device = pipe.unet.device
-    tokens = pipe.tokenizer(
-        list(prompts), padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    )  # fmt: skip
-    use_mask = getattr(pipe.text_encoder.config, "use_attention_mask", False)
-    mask = tokens["attention_mask"].to(device) if use_mask else None
-    states = pipe.text_encoder(tokens["input_ids"].to(device), attention_mask=mask)[0]  # [B, L, D]
+    states = encode_prompts(pipe, prompts)  # [B, L, D]
     x0 = pixels.to(device)
     if pipe.vae is not None:  # real Stable Diffusion: diffuse the VAE's scaled latents, not the pixels
         with torch.no_grad():
@@ -198,8 +200,12 @@ def diffusion_loss(
         target = noise
     elif kind == "v_prediction":
         target = scheduler.get_velocity(x0, noise, t)
+    elif kind == "sample":
+        target = x0
     else:
-        raise DppmgError(f"image warm-start supports prediction_type epsilon or v_prediction, not {kind!r}")
+        raise DppmgError(
+            f"image warm-start supports prediction_type epsilon, v_prediction or sample, not {kind!r}"
+        )
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
@@ -214,10 +220,21 @@ def train_image_warmstart(
     progress: bool = True,
     uncond_prob: float = 0.1,
     max_grad_norm: float = 1.0,
+    warmup: float = 0.05,
+    ema_decay: float = 0.0,
+    captions: Sequence[str | None] | None = None,
+    caption_prob: float = 0.0,
 ) -> dict[str, float]:
     """Fine-tune the UNet and text encoder on uint8 [N, H, W, 3] images and their prompts.
 
-    Returns loss_first, loss_last, seconds, steps. Both models are left in eval mode.
+    With `captions` (one per image, e.g. the item's text), a share `caption_prob` of the prompts is the caption
+    instead: the model then learns to follow descriptive words (colours, patterns), not only the keywords.
+
+    The learning rate warms up and decays as in `train_text_warmstart`. With `ema_decay` > 0 both models end
+    up holding the exponential moving average of their weights: after a short run at a high learning rate the
+    last weights still jitter from step to step, and the average samples far cleaner images.
+    Returns loss_first, loss_last (of the trained weights, not the average), seconds, steps. Both models are
+    left in eval mode.
     """
     if len(prompts) != len(images) or len(images) == 0:
         raise DppmgError(
@@ -230,7 +247,9 @@ def train_image_warmstart(
         )
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
     params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer, schedule = _optimizer(params, lr, steps, warmup)
+    # EMAModel ramps its decay up as (1 + t) / (10 + t) to ema_decay, so early, random weights fade quickly.
+    ema = EMAModel(params, decay=ema_decay, foreach=True) if ema_decay > 0 else None
     rng = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -239,11 +258,17 @@ def train_image_warmstart(
     for _ in tqdm(range(steps), desc="warm-start images", disable=not progress):
         picks = torch.randint(len(images), (min(batch_size, len(images)),), generator=rng)
         dropped = torch.rand(len(picks), generator=rng) < uncond_prob
+        captioned = torch.rand(len(picks), generator=rng) < caption_prob
         batch_prompts = [
-            "" if drop else prompts[i] for i, drop in zip(picks.tolist(), dropped.tolist(), strict=True)
+            "" if drop else _prompt_or_caption(prompts, captions, i, cap)
+            for i, drop, cap in zip(picks.tolist(), dropped.tolist(), captioned.tolist(), strict=True)
         ]
         loss = diffusion_loss(pipe, batch_prompts, pixels[picks], rng)
-        losses.append(_step(optimizer, loss, params, max_grad_norm))
+        losses.append(_step(optimizer, schedule, loss, params, max_grad_norm))
+        if ema is not None:
+            ema.step(params)
+    if ema is not None:
+        ema.copy_to(params)
     pipe.unet.eval()
     pipe.text_encoder.eval()
     return _summary(losses, time.perf_counter() - start)
@@ -253,16 +278,38 @@ def train_image_warmstart(
 # Shared training helpers
 
 
-def _step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: Any, max_grad_norm: float) -> float:
-    """One optimizer step; a non-finite loss is skipped (and logged) instead of poisoning the weights."""
+def _optimizer(
+    params: list[torch.nn.Parameter], lr: float, steps: int, warmup: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW, with a linear warm-up over the `warmup` share of `steps` and then a cosine decay to 0.
+
+    A few minutes of training is far from convergence, so the decay matters: the last steps at a small learning
+    rate settle the weights instead of leaving them wherever the last large step threw them.
+    """
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, round(warmup * steps), max(steps, 1))
+
+
+def _step(
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    loss: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> float:
+    """One optimizer step; a non-finite loss is skipped (and logged) instead of poisoning the weights.
+
+    The schedule advances either way, so a skipped step does not shift the rest of the run.
+    """
     optimizer.zero_grad(set_to_none=True)
     value = float(loss.detach())
-    if not np.isfinite(value):
+    if np.isfinite(value):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+    else:
         logger.warning("warm-start: skipped a step with a non-finite loss (%s)", value)
-        return value
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    schedule.step()
     return value
 
 
@@ -294,6 +341,20 @@ def warmstart_key(dataset_hash: str, gen_cfg: GeneratorConfig, ws_cfg: WarmStart
 
 def _dataset_hash(ds: ProcessedDataset) -> str:
     return str(ds.meta.get("content_hash") or content_hash(ds.items, ds.interactions, ds.users))
+
+
+def _prompt_or_caption(
+    prompts: Sequence[str], captions: Sequence[str | None] | None, i: int, use: bool
+) -> str:
+    caption = captions[i] if use and captions is not None else None
+    return caption if isinstance(caption, str) and caption.strip() else prompts[i]
+
+
+def _image_captions(ds: ProcessedDataset) -> list[str | None]:
+    """The texts of the items that have an image, in `image_warmstart_examples`' order."""
+    rows = [i for i in range(ds.num_items) if ds.image_path(i) is not None]
+    texts = ds.items["text"]
+    return [str(texts.iat[i]) if isinstance(texts.iat[i], str) else None for i in rows]
 
 
 def _tokenizer_corpus(items: pd.DataFrame) -> list[str]:
@@ -332,7 +393,7 @@ def warm_start(
     if examples and ws_cfg.text_steps > 0:
         report["text"] = train_text_warmstart(
             gen.lm, gen.lm_tokenizer, examples, ws_cfg.text_steps, ws_cfg.batch_size, ws_cfg.lr_text, seed,
-            progress, max_grad_norm=ws_cfg.max_grad_norm,
+            progress, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,
         )  # fmt: skip
         logger.info("warm-start text: loss %.3f → %.3f in %.0f s", *_loss_line(report["text"]))
     has_images = ds.items["image"].notna().any()
@@ -340,7 +401,8 @@ def warm_start(
         prompts, images = image_warmstart_examples(ds, ws_cfg.image_prompt, image_size(gen.pipe), progress)
         report["image"] = train_image_warmstart(
             gen.pipe, prompts, images, ws_cfg.image_steps, ws_cfg.batch_size, ws_cfg.lr_image, seed, progress,
-            uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm,
+            uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,
+            ema_decay=ws_cfg.ema_decay, captions=_image_captions(ds), caption_prob=ws_cfg.image_caption_prob,
         )  # fmt: skip
         logger.info("warm-start images: loss %.3f → %.3f in %.0f s", *_loss_line(report["image"]))
     gen.info.update(dataset_hash=dataset_hash, warmstart=report)

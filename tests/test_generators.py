@@ -165,6 +165,23 @@ def test_tiny_pipeline_structure(gen: Generators):
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.steps_offset == 1
 
 
+@pytest.mark.parametrize("attention_levels", [0, 1, 2])
+def test_attention_sits_at_the_lowest_resolution_levels_and_the_middle_block(attention_levels: int):
+    cfg = dataclasses.replace(TINY, unet_channels=[8, 16, 16], unet_attention_levels=attention_levels)
+    unet = build_tiny_image_pipeline(TEXTS, cfg).unet
+    attended = [hasattr(b, "attentions") for b in unet.down_blocks]
+    assert attended == [False] * (3 - attention_levels) + [True] * attention_levels
+    assert [hasattr(b, "attentions") for b in unet.up_blocks] == attended[::-1]
+    assert len(unet.mid_block.attentions) > 0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_scheduler_predicts_what_the_config_says(prediction_type: str):
+    pipe = build_tiny_image_pipeline(TEXTS, dataclasses.replace(TINY, prediction_type=prediction_type))
+    assert pipe.scheduler.config.prediction_type == prediction_type
+    assert generate_images(pipe, PROMPTS[:1], steps=2).shape == (1, SIDE, SIDE, 3)
+
+
 def test_tiny_scheduler_clips_the_predicted_image(gen: Generators):
     # thresholding with sample_max_value=1 is plain clipping to [-1, 1] (the module docstring says why).
     x0 = torch.randn(2, 3, 8, 8) * 3
@@ -272,6 +289,10 @@ def test_tiny_image_pipeline_needs_texts():
         ({"text_dim": 30, "text_heads": 4}, "text_dim"),
         ({"text_layers": 0}, "text_layers must be >= 1"),
         ({"beta_schedule": "cosine"}, "beta_schedule"),
+        ({"unet_attention_levels": 3}, "unet_attention_levels must be in \\[0, 2\\]"),
+        # With no attention level the middle block still attends, at the last level's width.
+        ({"unet_attention_levels": 0, "unet_channels": [32, 64, 90]}, "divide the channels \\[90\\]"),
+        ({"prediction_type": "x0"}, "prediction_type"),
     ],
 )
 def test_config_rejects_bad_generator_sizes(changes: dict, message: str):

@@ -1,6 +1,8 @@
 """Warm-start of the generators on the items: losses fall, prompts are masked, the cache is used and keyed."""
 
+import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ from stage2_generation import warmstart
 from stage2_generation.generators import build_generators, image_size
 from stage2_generation.warmstart import (
     IGNORE_INDEX,
+    diffusion_loss,
     text_batch,
     text_warmstart_examples,
     train_image_warmstart,
@@ -124,6 +127,66 @@ def test_image_warmstart_lowers_the_loss_and_trains_the_text_encoder(tmp_path: P
     assert not gen.pipe.unet.training and not gen.pipe.text_encoder.training
 
 
+class OracleUNet(torch.nn.Module):
+    """Knows the clean image x0, so from the noisy input and t it can return each prediction type's exact target."""
+
+    def __init__(self, x0: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str):
+        super().__init__()
+        self.x0, self.alphas_cumprod, self.kind = x0, alphas_cumprod, kind
+
+    @property
+    def device(self) -> torch.device:
+        return self.x0.device
+
+    def forward(
+        self, noisy: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> SimpleNamespace:
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = (noisy - a.sqrt() * self.x0) / (1 - a).sqrt()
+        velocity = a.sqrt() * noise - (1 - a).sqrt() * self.x0
+        target = {"epsilon": noise, "v_prediction": velocity, "sample": self.x0.expand_as(noisy)}[self.kind]
+        return SimpleNamespace(sample=target)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_targets_the_configured_prediction(kind: str) -> None:
+    pipe = build_generators(dataclasses.replace(TINY, prediction_type=kind), ["red lamp"], seed=0).pipe
+    x0 = torch.rand(1, 3, SIDE, SIDE) * 2 - 1
+    pixels = x0.expand(4, -1, -1, -1)
+    args = (["red lamp"] * 4, pixels, torch.Generator().manual_seed(0))
+    assert diffusion_loss(pipe, *args) > 0.01  # the untrained UNet is far off
+    oracle = OracleUNet(x0, pipe.scheduler.alphas_cumprod, kind)
+    parts = {name: getattr(pipe, name) for name in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    assert diffusion_loss(SimpleNamespace(unet=oracle, **parts), *args) < 1e-8
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer, schedule = warmstart._optimizer(params, lr=1e-2, steps=20, warmup=0.1)
+    lrs = []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == 0 and lrs[2] == pytest.approx(1e-2) == max(lrs)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 1e-3
+
+
+def test_ema_leaves_training_alone_and_is_what_the_models_keep(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path)
+    prompts, images = warmstart.image_warmstart_examples(ds, "{keywords}", SIDE, progress=False)
+    runs = {}
+    for decay in (0.0, 0.9):
+        gen = build_generators(TINY, list(ds.items["keywords"]), seed=0)
+        stats = train_image_warmstart(
+            gen.pipe, prompts, images, 8, 4, 3e-3, seed=0, progress=False, ema_decay=decay
+        )
+        runs[decay] = (stats, [p.detach().clone() for p in gen.pipe.unet.parameters()])
+    (plain, last), (averaged, ema) = runs[0.0], runs[0.9]
+    assert plain["loss_last"] == averaged["loss_last"]  # the same training run...
+    assert any(not torch.equal(a, b) for a, b in zip(last, ema, strict=True))  # ...but other weights kept
+
+
 def test_second_call_loads_from_the_cache_and_another_config_misses_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,3 +241,7 @@ def test_config_rejects_bad_warmstart_values() -> None:
         load_config(overrides=["stage2.warmstart.uncond_prob=1.5"])
     with pytest.raises(DppmgError, match="keywords"):
         load_config(overrides=["stage2.warmstart.image_prompt=a photo"])
+    with pytest.raises(DppmgError, match="warmup"):
+        load_config(overrides=["stage2.warmstart.warmup=1.0"])
+    with pytest.raises(DppmgError, match="ema_decay"):
+        load_config(overrides=["stage2.warmstart.ema_decay=-0.1"])

@@ -1,0 +1,174 @@
+"""Grounding: supervised training of the token-associated parameters on the training users' interactions.
+
+For an interaction (user u, item i) the text loss is the LM loss of i's text given u's text tokens and i's
+keywords ("<pt..> lamp:" → text), and the image loss is the diffusion loss of i's image given u's image tokens
+and i's keywords ("<pi..> lamp" → image). The generators are frozen, so the only way to lower either loss is
+for the tokens to carry what distinguishes u's items from other items with the same keywords: the user's
+preferences. This is the supervised step of DPPMG before RL (and what `heldout.grounded` measures).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dppmg.config import GroundingConfig
+from dppmg.data.format import ProcessedDataset
+from dppmg.errors import DppmgError
+from dppmg.log import logger
+from stage2_generation.generators import image_size
+from stage2_generation.policy import Pair, Policy
+from stage2_generation.warmstart import IGNORE_INDEX, _max_positions, diffusion_loss, text_batch
+
+
+def training_pairs(ds: ProcessedDataset, users: Sequence[int]) -> list[Pair]:
+    """Every training interaction of `users` as a (user, item keywords, item) pair."""
+    from stage2_generation.evaluate import _keywords
+
+    train = ds.split("train")
+    train = train[train["user_idx"].isin(set(users))]
+    return [
+        Pair(int(u), _keywords(ds.items, int(i)), int(i))
+        for u, i in zip(train["user_idx"].tolist(), train["item_idx"].tolist())
+    ]
+
+
+def text_loss(policy: Policy, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
+    """Mean LM loss of each pair's item text given its personalized prompt."""
+    lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
+    examples = list(zip(policy.text_prompts(pairs), texts))
+    batch = text_batch(tokenizer, examples, _max_positions(lm, tokenizer))
+    device = next(lm.parameters()).device
+    out = lm(**{k: v.to(device) for k, v in batch.items()})
+    if not (batch["labels"] != IGNORE_INDEX).any():
+        raise DppmgError("grounding: no target tokens in the batch (empty item texts?)")
+    return out.loss
+
+
+def image_loss(
+    policy: Policy, pairs: Sequence[Pair], pixels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """The diffusion loss of each pair's item image [B, 3, H, W] in [-1, 1] given its personalized prompt."""
+    return diffusion_loss(policy.gen.pipe, policy.image_prompts(pairs), pixels, generator)
+
+
+def fit(
+    name: str,
+    loss_fn: Callable[[np.ndarray, torch.Generator], torch.Tensor],
+    params: list[torch.nn.Parameter],
+    num_examples: int,
+    cfg: GroundingConfig,
+    steps: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, float]:
+    """Run `steps` AdamW steps of `loss_fn(batch indices, generator)` on `params`; returns loss statistics.
+
+    A non-finite loss or gradient skips its step (counted in "skipped") instead of corrupting the parameters.
+    """
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # weight decay would shrink the rows
+    rng = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    skipped = 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"grounding {name}", disable=not progress)
+    for _ in bar:
+        picks = torch.randint(num_examples, (min(cfg.batch_size, num_examples),), generator=rng).numpy()
+        loss = loss_fn(picks, rng)
+        optimizer.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            skipped += 1
+            continue
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if not torch.isfinite(norm):
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.step()
+        losses.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+    if skipped:
+        logger.warning(
+            "grounding %s: skipped %d of %d steps with a non-finite loss or gradient", name, skipped, steps
+        )
+    window = max(1, min(20, len(losses) // 5))
+    return {
+        "steps": steps,
+        "skipped": skipped,
+        "loss_first": float(np.mean(losses[:window])) if losses else float("nan"),
+        "loss_last": float(np.mean(losses[-window:])) if losses else float("nan"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def ground(
+    policy: Policy,
+    ds: ProcessedDataset,
+    pairs: Sequence[Pair],
+    cfg: GroundingConfig,
+    seed: int,
+    progress: bool = True,
+    images: np.ndarray | None = None,
+) -> dict[str, dict[str, float]]:
+    """Ground the text tokens and then the image tokens on `pairs` (training interactions).
+
+    Args:
+        images: uint8 [I, H, W, 3] item images at the pipeline's size (read from the dataset when None).
+    Returns:
+        {"text": stats, "image": stats} for the parts that ran (see `fit`).
+    """
+    if not pairs:
+        raise DppmgError("grounding: no training interactions to ground the tokens on")
+    report: dict[str, dict[str, float]] = {}
+    texts = ds.items["text"]
+    if policy.text is not None and cfg.text_steps > 0:
+        usable = [p for p in pairs if isinstance(texts.iat[p.item], str) and texts.iat[p.item].strip()]
+        if usable:
+
+            def text_fn(picks: np.ndarray, _: torch.Generator) -> torch.Tensor:
+                chosen = [usable[i] for i in picks]
+                return text_loss(policy, chosen, [texts.iat[p.item] for p in chosen])
+
+            report["text"] = fit(
+                "text", text_fn, policy.parameters("text"), len(usable), cfg, cfg.text_steps, seed, progress
+            )
+            logger.info("grounding text: loss %.3f → %.3f in %.0f s", *_line(report["text"]))
+    has_image = ds.items["image"].notna().to_numpy()
+    if policy.image is not None and cfg.image_steps > 0 and has_image.any():
+        usable = [p for p in pairs if has_image[p.item]]
+        if images is None:
+            from stage2_generation.warmstart import image_warmstart_examples
+
+            _, images = image_warmstart_examples(ds, "{keywords}", image_size(policy.gen.pipe), progress)
+            # image_warmstart_examples keeps the items with images, in item order
+            full = np.zeros((ds.num_items, *images.shape[1:]), dtype=np.uint8)
+            full[np.flatnonzero(has_image)] = images
+            images = full
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [I, 3, H, W]
+
+        def image_fn(picks: np.ndarray, rng: torch.Generator) -> torch.Tensor:
+            chosen = [usable[i] for i in picks]
+            return image_loss(policy, chosen, pixels[[p.item for p in chosen]], rng)
+
+        report["image"] = fit(
+            "image",
+            image_fn,
+            policy.parameters("image"),
+            len(usable),
+            cfg,
+            cfg.image_steps,
+            seed + 1,
+            progress,
+        )
+        logger.info("grounding image: loss %.4f → %.4f in %.0f s", *_line(report["image"]))
+    return report
+
+
+def _line(stats: dict[str, float]) -> tuple[float, float, float]:
+    return stats["loss_first"], stats["loss_last"], stats["seconds"]

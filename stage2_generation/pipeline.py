@@ -1,0 +1,587 @@
+"""`dppmg stage2` and `dppmg generate`: stage 2 end to end, resumable, with its outputs in runs/<run>/stage2/.
+
+    warm-started generators (cached per dataset)  →  inject the stage-1 tokens into the LM and the text encoder
+      → heldout.none      the same generators prompted with the target keywords only
+      → grounding         supervised, on the training users' interactions        → heldout.grounded
+      → RL                alternating GRPO (text) and DDPO (image) rounds          → heldout.rl
+      → tokens.safetensors, export/, generations/, gallery.html, metrics.json (written last: it marks completion)
+
+Held-out users (`stage2.generation.heldout_users`, drawn once per seed) are never seen by grounding or RL;
+their (user, test item) pairs are what every `heldout.*` entry measures, with the same pairs, seeds and noise
+for the three conditions, so their differences are paired comparisons.
+
+A checkpoint (stage2/checkpoint.pt) is written after every phase and RL iteration; an interrupted run resumes
+from it. A finished run is not repeated, and a finished run of another config is only replaced with
+`stage2.overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dppmg.config import Config, load_config, to_dict, to_yaml
+from dppmg.data.format import ProcessedDataset, load_dataset
+from dppmg.errors import DppmgError
+from dppmg.io import atomic_path, finished_with, write_json, write_text
+from dppmg.log import logger
+from dppmg.scorer import Scorer
+from dppmg.seeding import seed_everything
+from dppmg.tokens import TokenCheckpoint
+from dppmg.tracking import build_tracker, flatten_metrics
+from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
+from stage2_generation.generators import generate_images, generate_texts
+from stage2_generation.grounding import ground, training_pairs
+from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
+from stage2_generation.policy import Pair, Policy
+from stage2_generation.rewards import METRIC_NAMES, TOTAL_KEY, summarise
+from stage2_generation.rl import draw_pairs, image_round, round_seed, text_round
+from stage2_generation.warmstart import warm_start
+
+CONDITIONS = ("none", "grounded", "rl")  # heldout.<condition> in metrics.json
+LABELS = {"none": "non-personalized", "grounded": "before RL (grounded)", "rl": "after RL"}
+TOKENS_FILE = "tokens.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+PERSONALIZATION_GAIN_TARGET = (
+    0.08  # PMG's headline: +8 % personalization over the non-personalized generators
+)
+FIDELITY_DROP_LIMIT = 0.05
+
+
+@dataclass
+class Generated:
+    """One condition's generations for the held-out pairs, and their scores."""
+
+    texts: list[str]
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    metrics: dict[str, float]
+    per_pair: dict[str, list[float]]  # component -> value per pair (NaN where not finite)
+    text_seconds: float
+    image_seconds: float
+    tokens: int
+
+
+@dataclass
+class Stage2State:
+    """What a resumed run needs: finished evaluations, reports, RL progress and the trainable state."""
+
+    fingerprint: str
+    evals: dict[str, Generated] = field(default_factory=dict)
+    grounding: dict[str, Any] | None = None
+    iteration: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tokens: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    optimizers: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def stage2_fingerprint(cfg: Config, content_hash: str, tokens_dir: Path) -> str:
+    s2 = to_dict(cfg.stage2)
+    s2.pop("overwrite", None)
+    s2["generators"].pop("device", None)
+    digest = hashlib.sha256((tokens_dir / "tokens.safetensors").read_bytes()).hexdigest()
+    blob = json.dumps(
+        {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tokens_folder(cfg: Config) -> Path:
+    folder = cfg.run_dir / "stage1" / "tokens"
+    if not (folder / "manifest.json").is_file():
+        raise DppmgError(
+            f"{folder} has no token checkpoint: run stage 1 for run_name={cfg.run_name} first "
+            "(`make stage1`, or `dppmg stage1 CONFIG run_name=...`)"
+        )
+    return folder
+
+
+@dataclass
+class Components:
+    """Everything stage 2 works with, loaded once."""
+
+    ds: ProcessedDataset
+    ckpt: TokenCheckpoint
+    policy: Policy
+    rewarder: Rewarder
+    warmstart_seconds: float
+
+
+def load_components(cfg: Config, progress: bool = True) -> Components:
+    """Dataset, token checkpoint, warm-started generators with the tokens injected, scorer and reward."""
+    from dppmg.data.prepare import prepare
+    from stage1_preference.encoders import TextEncoder
+
+    ds = load_dataset(prepare(cfg, progress=progress))
+    ckpt = TokenCheckpoint.load(tokens_folder(cfg))
+    content_hash = str(ds.meta["content_hash"])
+    ckpt.check_compatible(content_hash)
+    s2 = cfg.stage2
+    start = time.perf_counter()
+    cache = Path(cfg.features.cache_dir) / "generators"
+    gen = warm_start(ds, s2.generators, s2.warmstart, cache, cfg.seed, progress=progress)
+    warm_seconds = time.perf_counter() - start
+    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart)
+    if not (ds.root / "scorer").is_dir():
+        raise DppmgError(f"{ds.root}/scorer is missing: stage 2 scores images with the dataset's scorer")
+    scorer = Scorer.load(ds.root / "scorer", s2.generators.device)
+    encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
+    rewarder = Rewarder(ds, scorer, encoder, s2.rl.weights)
+    return Components(ds, ckpt, policy, rewarder, warm_seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation and evaluation
+
+
+def generate_pairs(
+    policy: Policy, pairs: list[Pair], cfg: Config, personalized: bool
+) -> tuple[list[str], np.ndarray, float, float, int]:
+    """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by the config."""
+    g = cfg.stage2.generation
+    gen = policy.gen
+    start = time.perf_counter()
+    texts = generate_texts(
+        gen.lm, gen.lm_tokenizer, policy.text_prompts(pairs, personalized), max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature, seed=cfg.seed, batch_size=g.batch_size,
+    )  # fmt: skip
+    text_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    images = generate_images(
+        gen.pipe, policy.image_prompts(pairs, personalized), steps=g.image_steps, guidance=g.guidance,
+        seed=cfg.seed, batch_size=g.batch_size,
+    )  # fmt: skip
+    image_seconds = time.perf_counter() - start
+    # Generated tokens, counted by re-tokenizing (the EOS that ended a text counts as one).
+    tokens = sum(len(gen.lm_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    return texts, images, text_seconds, image_seconds, tokens
+
+
+def evaluate_condition(
+    policy: Policy, rewarder: Rewarder, pairs: list[Pair], cfg: Config, personalized: bool, judge=None
+) -> Generated:
+    texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized)
+    result = rewarder(pairs, texts, images)
+    metrics = summarise([result])
+    per_pair = {k: v.tolist() for k, v in result.components.items()}
+    per_pair[TOTAL_KEY] = result.total.tolist()
+    if judge is not None:
+        metrics.update(attribute_metrics(judge, rewarder.ds, pairs, texts, images))
+    return Generated(texts, images, metrics, per_pair, ts, is_, tokens)
+
+
+def attribute_metrics(
+    judge, ds: ProcessedDataset, pairs: list[Pair], texts: list[str], images: np.ndarray
+) -> dict[str, float]:
+    """The independent check of DESIGN.md on the synthetic world: attribute hit rates by a catalog classifier."""
+    from stage2_generation.attributes import preference_hit_rates, target_hit_rate
+
+    users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]].reset_index()
+    out = preference_hit_rates(judge, users, images=images, texts=texts)
+    categories = [str(ds.items["attr_category"].iat[p.item]) for p in pairs]
+    out.update(target_hit_rate(judge, categories, images=images, texts=texts))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_stage2(cfg: Config, progress: bool = True) -> Path:
+    """Run (or resume) stage 2 for `cfg.run_name`; returns the stage-2 folder."""
+    tokens_dir = tokens_folder(cfg)
+    out = cfg.run_dir / "stage2"
+    from dppmg.data.prepare import prepare
+
+    content_hash = str(load_dataset(prepare(cfg, progress=progress), features=False).meta["content_hash"])
+    fingerprint = stage2_fingerprint(cfg, content_hash, tokens_dir)
+    if finished_with(
+        out / "metrics.json", "fingerprint", fingerprint, cfg.stage2.overwrite, "stage2.overwrite", "run_name"
+    ):
+        logger.info("%s is complete for this config; nothing to do", out)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.seed)
+    total_start = time.perf_counter()
+    c = load_components(cfg, progress)
+    policy, rewarder, ds = c.policy, c.rewarder, c.ds
+    s2 = cfg.stage2
+    train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
+    pairs = heldout_pairs(ds, held_users)
+    pool = training_pairs(ds, train_users)
+    judge = _attribute_judge(ds, cfg.seed)
+    logger.info(
+        "stage 2 on %s: %d training users (%d interactions), %d held-out (user, target) pairs",
+        ds.root, len(train_users), len(pool), len(pairs),
+    )  # fmt: skip
+
+    state = _load_state(out / CHECKPOINT_FILE, fingerprint, policy)
+    optimizers = {
+        m: torch.optim.AdamW(policy.parameters(m), lr=lr, weight_decay=0.0)
+        for m, lr in (("text", s2.rl.lr_text), ("image", s2.rl.lr_image))
+        if policy.parameters(m)
+    }
+    for m, sd in state.optimizers.items():
+        optimizers[m].load_state_dict(sd)
+    tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="stage2")
+    try:
+        if "none" not in state.evals:
+            logger.info("generating for the held-out pairs without preference tokens (heldout.none)")
+            state.evals["none"] = evaluate_condition(
+                policy, rewarder, pairs, cfg, personalized=False, judge=judge
+            )
+            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
+        if state.grounding is None:
+            start = time.perf_counter()
+            state.grounding = ground(policy, ds, pool, s2.grounding, cfg.seed, progress)
+            state.seconds["grounding"] = time.perf_counter() - start
+            state.evals["grounded"] = evaluate_condition(
+                policy, rewarder, pairs, cfg, personalized=True, judge=judge
+            )
+            tracker.log(flatten_metrics({"grounded": state.evals["grounded"].metrics}), step=0)
+            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
+        _rl(policy, rewarder, pool, cfg, state, optimizers, tracker, out, progress)
+        if "rl" not in state.evals:
+            state.evals["rl"] = evaluate_condition(
+                policy, rewarder, pairs, cfg, personalized=True, judge=judge
+            )
+            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
+        metrics = _finish(out, cfg, c, state, pairs, fingerprint, judge, time.perf_counter() - total_start)
+        tracker.summary(
+            flatten_metrics({k: v for k, v in metrics.items() if k in ("heldout", "gains", "timing")})
+        )
+    finally:
+        tracker.finish()
+    return out
+
+
+def _rl(
+    policy, rewarder, pool, cfg: Config, state: Stage2State, optimizers, tracker, out: Path, progress: bool
+) -> None:
+    from tqdm.auto import tqdm
+
+    rl, gen_cfg = cfg.stage2.rl, cfg.stage2.generation
+    bar = tqdm(
+        total=rl.iterations, initial=state.iteration, desc="stage 2 RL", unit="iter", disable=not progress
+    )
+    while state.iteration < rl.iterations:
+        it = state.iteration
+        start = time.perf_counter()
+        logs: dict[str, Any] = {"iteration": it + 1}
+        if "text" in optimizers:
+            s = round_seed(cfg.seed, it, "text")
+            logs["text"] = text_round(
+                policy, rewarder, draw_pairs(pool, rl.pairs_per_round, s), rl, gen_cfg, optimizers["text"], s
+            ).as_dict()
+        if "image" in optimizers:
+            s = round_seed(cfg.seed, it, "image")
+            logs["image"] = image_round(
+                policy, rewarder, draw_pairs(pool, rl.pairs_per_round, s), rl, gen_cfg, optimizers["image"], s
+            ).as_dict()
+        logs["seconds"] = time.perf_counter() - start
+        state.history.append(logs)
+        state.iteration += 1
+        _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
+        tracker.log(
+            flatten_metrics({"rl": {k: v for k, v in logs.items() if k != "iteration"}}), step=state.iteration
+        )
+        bar.update(1)
+        bar.set_postfix(
+            text=f"{logs.get('text', {}).get('reward', float('nan')):.3f}",
+            image=f"{logs.get('image', {}).get('reward', float('nan')):.3f}",
+        )
+    bar.close()
+
+
+def _attribute_judge(ds: ProcessedDataset, seed: int):
+    """The attribute classifier of the synthetic world (None for datasets without ground-truth attributes)."""
+    if "attr_colour" not in ds.items.columns:
+        return None
+    from stage2_generation.attributes import AttributeJudge
+
+    judge = AttributeJudge.fit(ds, seed=seed)
+    logger.info("attribute judge held-out accuracy: %s", {k: round(v, 3) for k, v in judge.accuracy.items()})
+    return judge
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def _save_state(
+    path: Path, state: Stage2State, policy: Policy, optimizers: dict[str, torch.optim.Optimizer]
+) -> None:
+    state.tokens = {
+        inj.modality: {k: v.detach().clone() for k, v in inj.module.state_dict().items()}
+        for inj in policy.injected
+    }
+    state.optimizers = {m: o.state_dict() for m, o in optimizers.items()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, fingerprint: str, policy: Policy) -> Stage2State:
+    if path.is_file():
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as e:  # a truncated or foreign file: start over rather than fail
+            logger.warning("ignoring %s: cannot read it (%s)", path, e)
+            return Stage2State(fingerprint)
+        if isinstance(state, Stage2State) and state.fingerprint == fingerprint:
+            for inj in policy.injected:
+                inj.module.load_state_dict(state.tokens[inj.modality])
+            done = [k for k in CONDITIONS if k in state.evals]
+            logger.info(
+                "resuming stage 2 from %s: evaluated %s, RL iteration %d",
+                path,
+                done or "nothing",
+                state.iteration,
+            )
+            return state
+        logger.info("ignoring %s: it was written by a different config", path)
+    return Stage2State(fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _relative(new: float, old: float) -> float:
+    """Relative change of a cosine similarity, on PMG's score scale d = (s + 1) / 2 in [0, 1].
+
+    Cosines of generated content can sit near 0 or below, where (new - old) / |old| explodes or flips sign;
+    d is positive, so the ratio means what "x % better" says (PMG scores its similarities the same way).
+    """
+    d_new, d_old = (new + 1) / 2, (old + 1) / 2
+    return (d_new - d_old) / d_old if d_old > 0 else float("nan")
+
+
+def _targets(heldout: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The issue's targets, measured: each with its value, its threshold and whether it was met."""
+    none, grounded, rl = heldout["none"], heldout["grounded"], heldout["rl"]
+    pers_none = (none["personalization_text"] + none["personalization_image"]) / 2
+    pers_rl = (rl["personalization_text"] + rl["personalization_image"]) / 2
+    out = {
+        "reward_rl_over_grounded": {"value": rl[TOTAL_KEY] - grounded[TOTAL_KEY], "target": "> 0"},
+        "consistency_rl_over_grounded": {
+            "value": rl["consistency"] - grounded["consistency"],
+            "target": "> 0",
+        },
+        "personalization_gain_over_none": {
+            "value": _relative(pers_rl, pers_none),
+            "target": f">= {PERSONALIZATION_GAIN_TARGET}",
+        },
+        "personalization_text_gain_over_none": {
+            "value": _relative(rl["personalization_text"], none["personalization_text"]),
+            "target": f">= {PERSONALIZATION_GAIN_TARGET}",
+        },
+        "personalization_image_gain_over_none": {
+            "value": _relative(rl["personalization_image"], none["personalization_image"]),
+            "target": f">= {PERSONALIZATION_GAIN_TARGET}",
+        },
+        "fidelity_change_over_none": {
+            "value": _relative(rl["fidelity"], none["fidelity"]),
+            "target": f">= -{FIDELITY_DROP_LIMIT}",
+        },
+    }
+    for entry in out.values():
+        value, target = entry["value"], entry["target"]
+        op, threshold = target.split(" ")
+        entry["met"] = bool(value > float(threshold)) if op == ">" else bool(value >= float(threshold))
+    return out
+
+
+def _finish(
+    out: Path,
+    cfg: Config,
+    c: Components,
+    state: Stage2State,
+    pairs: list[Pair],
+    fingerprint: str,
+    judge,
+    seconds: float,
+) -> dict[str, Any]:
+    policy, ds = c.policy, c.ds
+    save_injected(out / TOKENS_FILE, policy.injected)
+    export = out / "export"
+    if policy.text is not None:
+        export_text_tokens(policy.text, policy.gen.lm_tokenizer, export / "text")
+    if policy.image is not None:
+        export_image_tokens(policy.image, export / "image")
+    _write_generations(out / "generations", ds, pairs, state)
+    heldout = {k: state.evals[k].metrics for k in CONDITIONS}
+    rl_eval = state.evals["rl"]
+    n = len(pairs)
+    timing = {
+        "images_per_second": n / rl_eval.image_seconds if rl_eval.image_seconds else float("nan"),
+        "tokens_per_second": rl_eval.tokens / rl_eval.text_seconds if rl_eval.text_seconds else float("nan"),
+        "rl_iteration_seconds": float(np.mean([h["seconds"] for h in state.history]))
+        if state.history
+        else float("nan"),
+        "warmstart_seconds": c.warmstart_seconds,
+        "grounding_seconds": state.seconds.get("grounding", float("nan")),
+        "run_seconds": seconds,
+    }
+    metrics: dict[str, Any] = {
+        "heldout": heldout,
+        # Every heldout.* entry averages the same pairs; this is how many (and which users).
+        "heldout_pairs": n,
+        "gains": _targets(heldout),
+        **{k: timing[k] for k in ("images_per_second", "tokens_per_second", "rl_iteration_seconds")},
+        "timing": timing,
+        "grounding": state.grounding,
+        "rl_history": state.history,
+        "reward_weights": dict(cfg.stage2.rl.weights),
+        "attribute_judge_accuracy": None if judge is None else judge.accuracy,
+        "dataset": {"name": ds.meta.get("name"), "content_hash": ds.meta["content_hash"]},
+        "fingerprint": fingerprint,
+    }
+    _write_gallery(out / "gallery.html", cfg, ds, pairs, state, heldout)
+    write_json(out / "metrics.json", metrics)  # last: its fingerprint marks the run as complete
+    logger.info("stage 2 done in %.0f s: %s", seconds, out)
+    for k in CONDITIONS:
+        logger.info(
+            "  heldout.%-9s %s", k, "  ".join(f"{m}={heldout[k][m]:.4f}" for m in (*METRIC_NAMES, TOTAL_KEY))
+        )
+    return metrics
+
+
+def _user_id(ds: ProcessedDataset, user: int) -> str:
+    return str(ds.users["user_id"].iat[user])
+
+
+def _write_generations(folder: Path, ds: ProcessedDataset, pairs: list[Pair], state: Stage2State) -> None:
+    """PNG per (condition, pair) and one JSONL row per (condition, pair) with the text and the scores."""
+    rows = []
+    for cond in CONDITIONS:
+        g = state.evals[cond]
+        (folder / cond).mkdir(parents=True, exist_ok=True)
+        for k, p in enumerate(pairs):
+            uid = _user_id(ds, p.user)
+            name = f"{cond}/{_safe(uid)}.png"
+            with atomic_path(folder / name) as tmp:
+                Image.fromarray(g.images[k]).save(tmp, format="PNG")
+            rows.append({
+                "condition": cond, "user_id": uid, "user_idx": p.user, "target": p.keywords,
+                "target_item_id": None if p.item is None else str(ds.items["item_id"].iat[p.item]),
+                "text": g.texts[k], "image": name,
+                "scores": {m: v[k] for m, v in g.per_pair.items()},
+            })  # fmt: skip
+    write_text(folder / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def _write_gallery(
+    path: Path, cfg: Config, ds: ProcessedDataset, pairs: list[Pair], state: Stage2State, heldout
+) -> None:
+    from dppmg.data.imageio import load_image_array
+    from stage2_generation.gallery import GalleryEntry, Shown, write_gallery
+
+    rewarder_history = user_histories(ds)
+    entries = []
+    side = state.evals["rl"].images.shape[1]
+
+    def item(i: int) -> Shown:
+        p = ds.image_path(i)
+        img = load_image_array([p], side, progress=False)[0] if p is not None and p.is_file() else None
+        text = ds.items["text"].iat[i]
+        return Shown(text=text if isinstance(text, str) else None, image=img)
+
+    for k, p in enumerate(pairs[: cfg.stage2.generation.gallery_users]):
+        history = [item(int(i)) for i in rewarder_history.get(p.user, [])]
+        gens = {LABELS[c]: Shown(state.evals[c].texts[k], state.evals[c].images[k]) for c in CONDITIONS}
+        scores = {
+            LABELS[c]: {m: state.evals[c].per_pair[m][k] for m in (*METRIC_NAMES, TOTAL_KEY)}
+            for c in CONDITIONS
+        }
+        entries.append(
+            GalleryEntry(
+                _user_id(ds, p.user),
+                history,
+                p.keywords,
+                None if p.item is None else item(p.item),
+                gens,
+                scores,
+            )
+        )
+    summary = {LABELS[c]: {m: heldout[c][m] for m in (*METRIC_NAMES, TOTAL_KEY)} for c in CONDITIONS}
+    notes = (
+        f"Run {cfg.run_name}: held-out users (never used for grounding or RL), target = their test item's keywords. "
+        f"Means over {len(pairs)} held-out pairs; the same pairs, seeds and noise for every condition."
+    )
+    write_gallery(path, entries, title=f"DPPMG stage 2 — {cfg.run_name}", summary=summary, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dppmg generate
+
+
+def resolve_run(run: str, runs_dir: str = "runs") -> Path:
+    """A run folder from a path or a run name; it must hold a finished stage 2."""
+    candidates = [Path(run), Path(runs_dir) / run]
+    for folder in candidates:
+        if (folder / "stage2" / "metrics.json").is_file():
+            return folder
+    raise DppmgError(
+        f"no finished stage 2 for {run!r}: looked for stage2/metrics.json in "
+        + " and ".join(str(c) for c in candidates)
+        + "; run `make stage2` (or `dppmg stage2 CONFIG run_name=...`) first"
+    )
+
+
+def generate(
+    run: str,
+    users: list[str],
+    targets: list[str],
+    out: Path | None = None,
+    personalized: bool = True,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate a text and an image for every (user, target) with a finished run's tokens.
+
+    Writes <out>/<user>__<target>.png and appends a row per generation to <out>/generations.jsonl;
+    returns the rows. `out` defaults to runs/<run>/stage2/generate/.
+    """
+    folder = resolve_run(run)
+    cfg = load_config(folder / "stage2" / "config.yaml", overrides)
+    c = load_components(cfg, progress)
+    load_injected(folder / "stage2" / TOKENS_FILE, c.policy.injected)
+    pairs = [Pair(c.ckpt.user_index(u), t) for u in users for t in targets]
+    for t in targets:
+        if not t.strip():
+            raise DppmgError("--target must be non-empty keywords, e.g. --target 'lamp'")
+    texts, images, *_ = generate_pairs(c.policy, pairs, cfg, personalized)
+    out = Path(out) if out is not None else folder / "stage2" / "generate"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p, text, img in zip(pairs, texts, images):
+        uid = c.ckpt.user_ids[p.user]
+        name = f"{_safe(uid)}__{_safe(p.keywords)}.png"
+        with atomic_path(out / name) as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+        rows.append(
+            {
+                "user_id": uid,
+                "target": p.keywords,
+                "personalized": personalized,
+                "text": text,
+                "image": str(out / name),
+            }
+        )
+    with open(out / "generations.jsonl", "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return rows

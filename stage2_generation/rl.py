@@ -1,0 +1,280 @@
+"""RL on the token-associated parameters: a GRPO-style text round and a DDPO-style image round.
+
+Both rounds share one shape. Draw P (training user, target) pairs; sample G generations of the round's
+modality per pair with the current policy; pair every sample with one generation of the other modality for the
+same pair (so the consistency reward couples the two policies); score with `Rewarder` (the weighted registered
+rewards); normalise the rewards within each pair's group (`group_advantages`: GRPO's group-relative advantage,
+DDPO's per-prompt statistics); then take clipped-ratio PPO steps on minibatches.
+
+Text (GRPO, Shao et al. 2024, as in trl's GRPOTrainer with beta = 0): the ratio is per completion token,
+exp(log π_new − log π_old), the clipped surrogate is averaged over each completion's tokens and then over
+completions. We run our own loop rather than trl's `GRPOTrainer` because the reward needs the image policy's
+generation for the same (user, target) pair at every round, the trainable parameters live in an embedding hook
+rather than in the model's own weights, and the image round needs the same sampling, advantage and guard code;
+`GRPOTrainer` would own the data loading, the generation and the optimizer and leave none of that shared.
+
+Image (DDPO, Black et al. 2023): a rollout is a stochastic DDIM chain (eta > 0) whose every step is a Gaussian
+policy with a known log-probability (`ddpo.py`); the ratio is per denoising step and the gradient reaches the
+image tokens through the text encoder's prompt states.
+
+Guards against collapse: the ratio is clipped (`clip_range`), advantages are clipped (`adv_clip_max`), a
+round stops its updates once the approximate KL to the rollout policy exceeds `max_approx_kl`, and a step whose
+loss or gradient is not finite is skipped and counted (`skipped` in the round's log) instead of applied.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dppmg.config import GenerationConfig, RLConfig
+from dppmg.log import logger
+from stage2_generation.ddpo import all_finite, ppo_clip_loss, recompute_log_prob, sample_with_logprob
+from stage2_generation.evaluate import Rewarder
+from stage2_generation.generators import encode_prompts, generate_images, generate_texts
+from stage2_generation.policy import (
+    Pair,
+    Policy,
+    completion_log_probs,
+    sample_shape,
+    sample_texts,
+    samples_to_uint8,
+)
+from stage2_generation.rewards import RewardResult, finite_mask, group_advantages
+
+
+@dataclass
+class RoundLog:
+    """What one round did: the rollouts' mean reward and components, and the PPO updates' statistics."""
+
+    modality: str
+    reward: float
+    components: dict[str, float]
+    updates: int
+    skipped: int
+    stopped_early: bool
+    approx_kl: float
+    clipfrac: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, float | int | bool | str | dict[str, float]]:
+        return dict(self.__dict__)
+
+
+def round_seed(seed: int, iteration: int, modality: str) -> int:
+    return int(
+        np.random.SeedSequence([seed, iteration, 1 if modality == "text" else 2]).generate_state(1)[0] >> 1
+    )
+
+
+def draw_pairs(pool: Sequence[Pair], count: int, seed: int) -> list[Pair]:
+    """`count` pairs from the training pool, distinct users where possible."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(pool))
+    chosen, users = [], set()
+    for i in order:
+        if pool[i].user not in users:
+            chosen.append(pool[i])
+            users.add(pool[i].user)
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _advantages(result: RewardResult, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """(advantages, usable) with non-finite rewards excluded: their advantage is 0 and they train nothing."""
+    usable = finite_mask(result)
+    rewards = torch.where(usable, result.total, torch.zeros_like(result.total))
+    adv = group_advantages(rewards, groups)
+    return torch.where(usable, adv, torch.zeros_like(adv)), usable
+
+
+def _summary(result: RewardResult) -> tuple[float, dict[str, float]]:
+    keep = finite_mask(result)
+    comps = {k: float(v[keep].mean()) if keep.any() else float("nan") for k, v in result.components.items()}
+    return (float(result.total[keep].mean()) if keep.any() else float("nan")), comps
+
+
+def _apply(
+    loss: Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float
+) -> bool:
+    """Backward and step; False (and nothing applied) when the loss or the gradient is not finite."""
+    optimizer.zero_grad(set_to_none=True)
+    if not all_finite(loss.detach()):
+        return False
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+def _minibatches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return [order[i : i + size] for i in range(0, n, size)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text round
+
+
+def text_round(
+    policy: Policy,
+    rewarder: Rewarder,
+    pairs: Sequence[Pair],
+    cfg: RLConfig,
+    gen_cfg: GenerationConfig,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+) -> RoundLog:
+    """One GRPO round: G sampled texts per pair, each paired with the image policy's image for the pair."""
+    start = time.perf_counter()
+    lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
+    g = cfg.group_size
+    expanded = [p for p in pairs for _ in range(g)]
+    groups = torch.arange(len(pairs)).repeat_interleave(g)
+    samples = sample_texts(
+        lm, tokenizer, policy.text_prompts(expanded), gen_cfg.max_new_tokens, cfg.text_temperature, seed
+    )
+    # The image partner: one deterministic image per pair from the current image policy.
+    images = generate_images(
+        policy.gen.pipe, policy.image_prompts(pairs), steps=cfg.image_steps, guidance=gen_cfg.guidance,
+        seed=seed, batch_size=gen_cfg.batch_size,
+    )  # fmt: skip
+    result = rewarder(expanded, samples.texts, np.repeat(images, g, axis=0))
+    adv, _ = _advantages(result, groups)
+    with torch.no_grad():
+        old = completion_log_probs(lm, samples, cfg.text_temperature)
+    params = policy.parameters("text")
+    stats = _ppo(
+        cfg.text_epochs, len(expanded), cfg, seed,
+        lambda idx: _text_loss(lm, samples.select(idx), old[idx], adv[idx], cfg),
+        params, optimizer,
+    )  # fmt: skip
+    reward, comps = _summary(result)
+    return RoundLog("text", reward, comps, **stats, seconds=time.perf_counter() - start)
+
+
+def _text_loss(
+    lm, samples, old: Tensor, adv: Tensor, cfg: RLConfig
+) -> tuple[Tensor, dict[str, float | bool]]:
+    """GRPO's clipped surrogate: per-token ratios, averaged over each completion's tokens, then over completions."""
+    new = completion_log_probs(lm, samples, cfg.text_temperature)
+    mask = samples.completion_mask.float()
+    a = adv.clamp(-cfg.adv_clip_max, cfg.adv_clip_max)[:, None]
+    ratio = torch.exp(new - old)
+    per_token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+    lengths = mask.sum(1).clamp(min=1)
+    loss = ((per_token * mask).sum(1) / lengths).mean()
+    with torch.no_grad():
+        diff = (new - old) * mask
+        info = {
+            "approx_kl": float((0.5 * diff**2).sum() / mask.sum().clamp(min=1)),
+            "clipfrac": float(
+                (((ratio - 1).abs() > cfg.clip_range).float() * mask).sum() / mask.sum().clamp(min=1)
+            ),
+            "finite": all_finite(loss, new),
+        }
+    return loss, info
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image round
+
+
+def image_round(
+    policy: Policy,
+    rewarder: Rewarder,
+    pairs: Sequence[Pair],
+    cfg: RLConfig,
+    gen_cfg: GenerationConfig,
+    optimizer: torch.optim.Optimizer,
+    seed: int,
+) -> RoundLog:
+    """One DDPO round: G stochastic DDIM chains per pair, each paired with the text policy's text for the pair."""
+    start = time.perf_counter()
+    pipe = policy.gen.pipe
+    g = cfg.group_size
+    expanded = [p for p in pairs for _ in range(g)]
+    groups = torch.arange(len(pairs)).repeat_interleave(g)
+    texts = generate_texts(
+        policy.gen.lm, policy.gen.lm_tokenizer, policy.text_prompts(pairs), max_new_tokens=gen_cfg.max_new_tokens,
+        temperature=gen_cfg.temperature, seed=seed, batch_size=gen_cfg.batch_size,
+    )  # fmt: skip
+    prompts = policy.image_prompts(expanded)
+    with torch.no_grad():
+        embeds = encode_prompts(pipe, prompts)
+        negative = encode_prompts(pipe, [""]).expand_as(embeds)
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(expanded))]
+    traj = sample_with_logprob(
+        pipe.unet, pipe.scheduler, embeds, negative, steps=cfg.image_steps, guidance=gen_cfg.guidance,
+        eta=cfg.eta, shape=sample_shape(pipe), generator=generators,
+    )  # fmt: skip
+    images = samples_to_uint8(pipe, traj.final)
+    result = rewarder(expanded, [t for t in texts for _ in range(g)], images)
+    adv, _ = _advantages(result, groups)
+
+    def loss_fn(idx: Tensor) -> tuple[Tensor, dict[str, float | bool]]:
+        part = traj.select(idx)
+        states = encode_prompts(pipe, [prompts[i] for i in idx.tolist()])  # with gradients to the token rows
+        losses, infos = [], []
+        for j in range(traj.num_steps):
+            new = recompute_log_prob(
+                pipe.unet, pipe.scheduler, part, j, gen_cfg.guidance, cfg.eta, prompt_embeds=states
+            )
+            loss, info = ppo_clip_loss(new, part.log_probs[:, j], adv[idx], cfg.clip_range, cfg.adv_clip_max)
+            losses.append(loss)
+            infos.append(info)
+        total = torch.stack(losses).mean()
+        return total, {
+            "approx_kl": float(np.mean([i["approx_kl"] for i in infos])),
+            "clipfrac": float(np.mean([i["clipfrac"] for i in infos])),
+            "finite": all(bool(i["finite"]) for i in infos),
+        }
+
+    stats = _ppo(cfg.image_epochs, len(expanded), cfg, seed, loss_fn, policy.parameters("image"), optimizer)
+    reward, comps = _summary(result)
+    return RoundLog("image", reward, comps, **stats, seconds=time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shared PPO loop
+
+
+def _ppo(
+    epochs: int, n: int, cfg: RLConfig, seed: int, loss_fn, params, optimizer
+) -> dict[str, float | int | bool]:
+    """`epochs` passes of minibatch updates with the KL stop and the NaN/inf guard."""
+    rng = torch.Generator().manual_seed(seed)
+    updates = skipped = 0
+    kls, clips = [], []
+    stopped = False
+    for _ in range(epochs):
+        for idx in _minibatches(n, cfg.minibatch_size, rng):
+            loss, info = loss_fn(idx)
+            if not info["finite"] or not _apply(loss, params, optimizer, cfg.max_grad_norm):
+                skipped += 1
+                logger.warning("RL: skipped an update with a non-finite loss or gradient")
+                continue
+            updates += 1
+            kls.append(float(info["approx_kl"]))
+            clips.append(float(info["clipfrac"]))
+            if info["approx_kl"] > cfg.max_approx_kl:
+                stopped = True
+                break
+        if stopped:
+            break
+    return {
+        "updates": updates,
+        "skipped": skipped,
+        "stopped_early": stopped,
+        "approx_kl": float(np.mean(kls)) if kls else 0.0,
+        "clipfrac": float(np.mean(clips)) if clips else 0.0,
+    }

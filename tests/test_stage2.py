@@ -1,0 +1,327 @@
+"""Stage 2 on the debug world with tiny generators: log-probabilities, grounding, RL steps, the whole run, generate."""
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dppmg.cli import main
+from dppmg.config import load_config
+from dppmg.errors import DppmgError
+from dppmg.io import read_json
+from stage1_preference.train import run_stage1
+from stage2_generation import pipeline as pipeline_mod
+from stage2_generation import rl as rl_mod
+from stage2_generation.evaluate import heldout_pairs, split_users
+from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs
+from stage2_generation.pipeline import CONDITIONS, load_components, run_stage2
+from stage2_generation.policy import Pair, completion_log_probs, sample_texts
+from stage2_generation.rewards import METRIC_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE1 = [
+    "stage1.epochs=6",
+    "stage1.vq_warmup_epochs=2",
+    "stage1.vq_codebook_size=16",
+    "stage1.batch_size=128",
+]
+TINY = [
+    "stage2.generators.text_vocab=300", "stage2.generators.text_max_length=48", "stage2.generators.text_dim=32",
+    "stage2.generators.text_layers=1", "stage2.generators.text_heads=2", "stage2.generators.image_size=16",
+    "stage2.generators.unet_channels=[16,32]", "stage2.generators.unet_heads=2", "stage2.generators.unet_attention_levels=1",
+    "stage2.generators.text_encoder_vocab=100", "stage2.generators.text_encoder_max_length=12",
+    "stage2.generators.text_encoder_dim=32", "stage2.generators.text_encoder_layers=1",
+    "stage2.generators.text_encoder_heads=2",
+    "stage2.warmstart.text_steps=20", "stage2.warmstart.image_steps=6", "stage2.warmstart.batch_size=8",
+    "stage2.grounding.text_steps=4", "stage2.grounding.image_steps=2", "stage2.grounding.batch_size=8",
+    "stage2.rl.iterations=1", "stage2.rl.pairs_per_round=2", "stage2.rl.group_size=2",
+    "stage2.rl.minibatch_size=2", "stage2.rl.image_steps=3",
+    "stage2.generation.heldout_users=4", "stage2.generation.gallery_users=2",
+    "stage2.generation.max_new_tokens=8", "stage2.generation.image_steps=3", "stage2.generation.batch_size=8",
+]  # fmt: skip
+
+
+def cfg_for(tmp: Path, *overrides):
+    return load_config(
+        REPO / "configs" / "debug.yaml",
+        [
+            f"data.root={tmp / 'data'}", f"features.cache_dir={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}",
+            *STAGE1, *TINY, *overrides,
+        ],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The debug world with stage 1 done."""
+    tmp = tmp_path_factory.mktemp("s2")
+    cfg = cfg_for(tmp)
+    run_stage1(cfg, progress=False)
+    return tmp, cfg
+
+
+@pytest.fixture(scope="module")
+def components(world):
+    _, cfg = world
+    return load_components(cfg, progress=False)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def frozen_unchanged(before: dict, model: torch.nn.Module, trainable: set[str]) -> list[str]:
+    """Names of non-token parameters or buffers that changed."""
+    after = model.state_dict()
+    return [
+        k for k, v in before.items() if not any(t in k for t in trainable) and not torch.equal(v, after[k])
+    ]
+
+
+def all_snapshots(policy):
+    return {
+        "lm": snapshot(policy.gen.lm),
+        "text_encoder": snapshot(policy.gen.pipe.text_encoder),
+        "unet": snapshot(policy.gen.pipe.unet),
+    }
+
+
+def assert_only_tokens_changed(policy, before, modality_changed: str) -> None:
+    models = {"lm": policy.gen.lm, "text_encoder": policy.gen.pipe.text_encoder, "unet": policy.gen.pipe.unet}
+    for name, model in models.items():
+        assert frozen_unchanged(before[name], model, {"preference_tokens"}) == [], name
+    holder = {"text": ("lm", policy.gen.lm), "image": ("text_encoder", policy.gen.pipe.text_encoder)}
+    name, model = holder[modality_changed]
+    after = model.state_dict()
+    moved = [
+        k for k in before[name] if "preference_tokens" in k and not torch.equal(before[name][k], after[k])
+    ]
+    assert moved, f"no {modality_changed} token parameter changed"
+
+
+# --- the text policy's log-probabilities ------------------------------------------------------------------
+
+
+def test_completion_log_probs_match_generate(components):
+    """Scoring the sampled ids again (left padding, explicit positions) gives generate's own log-probabilities."""
+    policy = components.policy
+    lm, tok = policy.gen.lm, policy.gen.lm_tokenizer
+    pairs = [Pair(0, "lamp"), Pair(1, "a much longer target phrase"), Pair(2, "rug")]
+    prompts = policy.text_prompts(pairs)
+    samples = sample_texts(lm, tok, prompts, max_new_tokens=6, temperature=0.8, generator_seed=3)
+    ours = completion_log_probs(lm, samples, temperature=0.8)
+    # generate's scores for the same sampled sequences: rerun with the same seed and output_logits.
+    batch = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        out = lm.generate(
+            **batch, max_new_tokens=6, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+    assert torch.equal(out.sequences, samples.input_ids)
+    logits = torch.stack(out.logits, dim=1).float() / 0.8
+    theirs = torch.log_softmax(logits, -1).gather(-1, samples.input_ids[:, samples.prompt_length :, None])[
+        ..., 0
+    ]
+    mask = samples.completion_mask.bool()
+    assert mask.any()
+    torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-4, rtol=1e-4)
+
+
+# --- grounding --------------------------------------------------------------------------------------------
+
+
+def test_grounding_lowers_its_loss_and_trains_only_the_tokens(world, components):
+    _, cfg = world
+    c = copy.deepcopy(components)  # the module's components stay untrained for the other tests
+    policy, ds = c.policy, c.ds
+    train, _ = split_users(ds, 4, cfg.seed)
+    pairs = training_pairs(ds, train)[:16]
+    texts = [ds.items["text"].iat[p.item] for p in pairs]
+    images = np.stack([np.full((16, 16, 3), 60 * (i % 4), dtype=np.uint8) for i in range(len(ds.items))])
+    pixels = torch.from_numpy(images[[p.item for p in pairs]]).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def losses():
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            return float(text_loss(policy, pairs, texts)), float(image_loss(policy, pairs, pixels, g))
+
+    before_loss = losses()
+    before = all_snapshots(policy)
+    grounding = cfg.stage2.grounding
+    grounding = type(grounding)(text_steps=25, image_steps=25, batch_size=16, lr=1e-2)
+    report = ground(policy, ds, pairs, grounding, seed=0, progress=False, images=images)
+    after_loss = losses()
+    assert set(report) == {"text", "image"}
+    assert after_loss[0] < before_loss[0] and after_loss[1] < before_loss[1], (before_loss, after_loss)
+    assert_only_tokens_changed(policy, before, "text")
+    assert_only_tokens_changed(policy, before, "image")
+
+
+# --- RL ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("modality", ["text", "image"])
+def test_one_rl_round_changes_only_the_token_parameters(world, components, modality):
+    _, cfg = world
+    c = copy.deepcopy(components)
+    policy = c.policy
+    rl, gen = cfg.stage2.rl, cfg.stage2.generation
+    train, _ = split_users(c.ds, 4, cfg.seed)
+    pairs = rl_mod.draw_pairs(training_pairs(c.ds, train), 2, seed=0)
+    opt = torch.optim.AdamW(policy.parameters(modality), lr=1e-2, weight_decay=0.0)
+    before = all_snapshots(policy)
+    round_fn = rl_mod.text_round if modality == "text" else rl_mod.image_round
+    log = round_fn(policy, c.rewarder, pairs, rl, gen, opt, seed=1)
+    assert log.modality == modality and log.updates >= 1 and log.skipped == 0
+    assert np.isfinite(log.reward) and set(log.components) == set(rl.weights)
+    assert_only_tokens_changed(policy, before, modality)
+    other = "image" if modality == "text" else "text"
+    holder = policy.gen.lm if other == "text" else policy.gen.pipe.text_encoder
+    key = "lm" if other == "text" else "text_encoder"
+    assert all(torch.equal(v, holder.state_dict()[k]) for k, v in before[key].items()), (
+        "the other modality moved"
+    )
+
+
+def test_a_non_finite_update_is_skipped_and_changes_nothing(world):
+    _, cfg = world
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+
+    def bad_loss(idx):
+        return (p * float("nan")).sum(), {"approx_kl": 0.0, "clipfrac": 0.0, "finite": False}
+
+    stats = rl_mod._ppo(2, 4, cfg.stage2.rl, 0, bad_loss, [p], opt)
+    assert stats["updates"] == 0 and stats["skipped"] == 4
+    assert torch.equal(p.detach(), torch.ones(3))
+
+    def inf_grad(idx):  # finite loss, infinite gradient
+        return (p * torch.tensor([float("inf"), 0, 0])).sum() * 0 + p.sum() * 1e39, {
+            "approx_kl": 0.0, "clipfrac": 0.0, "finite": True,
+        }  # fmt: skip
+
+    stats = rl_mod._ppo(1, 2, cfg.stage2.rl, 0, inf_grad, [p], opt)
+    assert stats["updates"] == 0 and stats["skipped"] == 1
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_heldout_pairs_are_the_heldout_users_test_items(world, components):
+    _, cfg = world
+    ds = components.ds
+    train, held = split_users(ds, 4, cfg.seed)
+    assert len(held) == 4 and not set(train) & set(held)
+    pairs = heldout_pairs(ds, held)
+    test = ds.split("test").set_index("user_idx")["item_idx"]
+    assert [p.user for p in pairs] == held
+    assert all(test.loc[p.user] == p.item for p in pairs)
+    assert all(p.user not in held for p in training_pairs(ds, train))
+
+
+# --- the whole run ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(world):
+    _, cfg = world
+    return cfg, run_stage2(cfg, progress=False)
+
+
+def test_stage2_writes_the_contract(finished):
+    cfg, out = finished
+    m = read_json(out / "metrics.json")
+    for cond in CONDITIONS:
+        for key in (*METRIC_NAMES, "reward"):
+            assert np.isfinite(m["heldout"][cond][key]), (cond, key)
+        assert "hit_image" in m["heldout"][cond] and "hit_text" in m["heldout"][cond]
+    for key in ("images_per_second", "tokens_per_second", "rl_iteration_seconds"):
+        assert m[key] > 0
+    assert m["heldout_pairs"] == 4 and len(m["rl_history"]) == cfg.stage2.rl.iterations
+    assert all("met" in v for v in m["gains"].values())
+    rows = [json.loads(line) for line in (out / "generations" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 4 and all((out / "generations" / r["image"]).is_file() for r in rows)
+    html = (out / "gallery.html").read_text()
+    assert html.count("<img") >= 2 * 3 and "after RL" in html and "http" not in html.replace("http-equiv", "")
+    assert (out / "export" / "image" / "learned_embeds.safetensors").is_file()
+    assert (out / "export" / "text" / "token_rows.safetensors").is_file()
+    assert (out / "tokens.safetensors").is_file() and (out / "config.yaml").is_file()
+
+
+def test_rerun_is_a_no_op_and_another_config_needs_overwrite(finished, monkeypatch):
+    cfg, out = finished
+    stamp = (out / "metrics.json").stat().st_mtime_ns
+    monkeypatch.setattr(pipeline_mod, "load_components", lambda *a, **k: pytest.fail("recomputed"))
+    run_stage2(cfg, progress=False)
+    assert (out / "metrics.json").stat().st_mtime_ns == stamp
+    other = cfg_for(Path(cfg.runs_dir).parent, "stage2.rl.clip_range=0.3")
+    with pytest.raises(DppmgError, match="stage2.overwrite=true"):
+        run_stage2(other, progress=False)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(world, monkeypatch):
+    """Interrupt during RL; the rerun skips the finished evaluations and grounding, and completes."""
+    tmp, _ = world
+    cfg = cfg_for(tmp, "run_name=resume", "stage2.rl.iterations=2")
+    run_stage1(cfg_for(tmp, "run_name=resume"), progress=False)
+    calls = {"n": 0}
+    real = rl_mod.image_round
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline_mod, "image_round", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage2(cfg, progress=False)
+    out = cfg.run_dir / "stage2"
+    assert (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(pipeline_mod, "ground", lambda *a, **k: pytest.fail("grounding ran again"))
+    monkeypatch.setattr(pipeline_mod, "image_round", real)
+    run_stage2(cfg, progress=False)
+    m = read_json(out / "metrics.json")
+    assert [h["iteration"] for h in m["rl_history"]] == [1, 2]
+
+
+def test_stage2_without_stage1_names_the_missing_step(world):
+    tmp, _ = world
+    cfg = cfg_for(tmp, "run_name=never-trained")
+    with pytest.raises(DppmgError, match="run stage 1"):
+        run_stage2(cfg, progress=False)
+
+
+def test_generate_command_writes_text_and_png(finished, capsys, tmp_path):
+    cfg, out = finished
+    user = (
+        read_json(out / "metrics.json")
+        and json.loads((out / "generations" / "generations.jsonl").read_text().splitlines()[0])["user_id"]
+    )
+    code = main(
+        [
+            "generate",
+            str(cfg.run_dir),
+            "--user",
+            user,
+            "--target",
+            "lamp",
+            "--target",
+            "rug",
+            "--out",
+            str(tmp_path),
+            "-q",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"{user} | ") == 2
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 2 and all(n.startswith(user) for n in pngs)
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows] == ["lamp", "rug"]
+    assert main(["generate", str(cfg.run_dir), "--user", "nobody", "--target", "lamp", "-q"]) == 2
+    assert "unknown user 'nobody'" in capsys.readouterr().err
