@@ -204,9 +204,8 @@ class GeneratorConfig:
     beta_end: float = 0.02
     clip_sample: bool = True  # clip each DDIM step's predicted image to [-1, 1] (pixel space's range)
     # What the tiny UNet predicts: epsilon | v_prediction | sample (the noise, the velocity, the clean image).
-    prediction_type: str = (
-        "sample"  # sample: recognizable items in a few minutes of CPU training (epsilon: noise)
-    )
+    # sample: recognizable items after a few minutes of CPU training, where epsilon still leaves visible noise.
+    prediction_type: str = "sample"
     device: str = "cpu"  # cpu | cuda | auto
 
 

@@ -253,10 +253,8 @@ def _text_encoder_config(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfi
 
 
 def _tiny_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
-    plain = (
-        len(cfg.unet_channels) - cfg.unet_attention_levels
-    )  # the high-resolution levels, without attention
     attended = cfg.unet_attention_levels
+    plain = len(cfg.unet_channels) - attended  # the high-resolution levels, without attention
     return UNet2DConditionModel(
         sample_size=cfg.image_size,
         in_channels=3,  # RGB in pixel space

@@ -183,7 +183,7 @@ def test_ema_leaves_training_alone_and_is_what_the_models_keep(tmp_path: Path) -
         )
         runs[decay] = (stats, [p.detach().clone() for p in gen.pipe.unet.parameters()])
     (plain, last), (averaged, ema) = runs[0.0], runs[0.9]
-    assert plain["loss_last"] == averaged["loss_last"]  # the same training run...
+    assert plain["loss_last"] == pytest.approx(averaged["loss_last"], rel=1e-5)  # the same training run...
     assert any(not torch.equal(a, b) for a, b in zip(last, ema, strict=True))  # ...but other weights kept
 
 
