@@ -77,6 +77,10 @@ def main() -> None:
         print(f"  {cond:9s}", "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
     for key, g in metrics["gains"].items():
         print(f"  {key}: {g['value']:+.4f} (target {g['target']}): {'met' if g['met'] else 'not met'}")
+    if metrics.get("heldout_oracle") is not None:
+        oracle = metrics["heldout_oracle"]
+        print("  oracle   ", "  ".join(f"{k}={v:.4f}" for k, v in oracle.items()))
+        print(f"  oracle_personalization_gain_over_none: {metrics['oracle_personalization_gain_over_none']:+.4f}")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,16 @@ class GeneratorConfig:
     unet_attention_levels: int = 1  # 0 leaves only the middle block's attention
     unet_layers_per_block: int = 1
     unet_heads: int = 4  # attention heads in the UNet's transformer blocks; must divide their channels
+    # Also condition every UNet block on an attention-pooled summary of the prompt, added to the time embedding
+    # (diffusers' addition_embed_type="text"). Cross-attention alone at 8 px barely learned colour words in a
+    # few CPU minutes: judge colour accuracy 0.12 (chance) against 0.32 with it (BENCHMARKS.md, "warm-start").
+    unet_text_time_embedding: bool = True
+    unet_text_time_heads: int = 4  # heads of that pooling attention; must divide text_encoder_dim
+    # The tiny pipeline's text encoder and tokenizer are a copy of the dataset's scorer's text tower (trained on
+    # the items' texts and images, as Stable Diffusion takes CLIP's), frozen during the warm-start. A new encoder
+    # trained with the UNet in a few CPU minutes never learned colour words: judge colour accuracy 0.09-0.32
+    # against 0.73 with the scorer's (BENCHMARKS.md, "warm-start"). False builds a new one from the sizes below.
+    text_encoder_from_scorer: bool = True
     text_encoder_vocab: int = 2000  # tiny CLIP text encoder's word-level vocabulary, special tokens excluded
     text_encoder_max_length: int = 32  # tokens per image prompt (the pipeline pads every prompt to this)
     text_encoder_dim: int = 64  # also the UNet's cross-attention width (it attends to these hidden states)
@@ -217,24 +227,30 @@ class WarmStartConfig:
     the item's image from a prompt made of its keywords. Both are cached per dataset and config.
     """
 
-    text_steps: int = 1000  # LM optimizer steps (~30 ms each); 0 skips the text part
-    image_steps: int = 450  # diffusion optimizer steps (~0.74 s each at batch 32 on 2 cores); 0 skips it
-    batch_size: int = 32
+    # Sized for ~5 minutes on 2 CPU cores: the text part ~15 s, the image part ~0.39 s a step at batch 16
+    # (750 small steps drew cleaner shapes than 450 steps at batch 32 or 1300 at batch 8 in the same time).
+    text_steps: int = 1000  # LM optimizer steps; 0 skips the text part
+    image_steps: int = 750  # diffusion optimizer steps; 0 skips the image part
+    batch_size: int = 16
     lr_text: float = 3e-3
     lr_image: float = 1e-3
     text_prompt: str = "{keywords}:"  # the LM prompt; the item text is the continuation
+    # Extra copies of each item whose prompt starts with 1..text_hint_words words of its own text, so the LM learns
+    # to follow what precedes the keywords (where the preference tokens go); 0 trains on the keywords alone.
+    text_hint_copies: int = 2
+    text_hint_words: int = 3
     image_prompt: str = "{keywords}"  # the image generator's prompt
     # Share of image prompts replaced by "" during training, so classifier-free guidance has an unconditional model.
     uncond_prob: float = 0.1
     # Share of image prompts replaced by the item's text (its caption): the diffusion model learns to follow
     # descriptive words such as colours and patterns, which is what lets preference tokens steer it later
     # (a model trained on keywords alone only ever learns the category).
-    image_caption_prob: float = 0.5
+    image_caption_prob: float = 1.0
     max_grad_norm: float = 1.0
     # Learning rate: linear warm-up over this share of each part's steps, then cosine decay to 0.
     warmup: float = 0.05
-    # Decay of the exponential moving average of the UNet and text-encoder weights, which is what the saved
-    # generators hold (it samples cleaner images than the last weights); 0 keeps the last weights instead.
+    # Decay of an exponential moving average of the UNet and text-encoder weights; when > 0 the saved generators
+    # hold the average instead of the last weights. Off: after the cosine decay to 0 it drew no better images.
     ema_decay: float = 0.0
 
 
@@ -247,7 +263,9 @@ class GroundingConfig:
     """
 
     text_steps: int = 300  # 0 skips the text part
-    image_steps: int = 150  # each costs about one warm-start image step (the UNet's backward is needed)
+    # Each costs about 0.55 s at batch 32 (the UNet's backward is needed). Held-out personalization_image after
+    # 150 / 300 / 600 steps: 0.061 / 0.090 / 0.090 (BENCHMARKS.md, "Stage 2").
+    image_steps: int = 300
     batch_size: int = 32
     lr: float = 1e-2
     max_grad_norm: float = 1.0
@@ -267,14 +285,16 @@ class RLConfig:
     pairs_per_round: int = 8  # distinct (training user, target) pairs per round
     group_size: int = 4  # samples per pair; advantages are normalised within each pair's group
     minibatch_size: int = 8  # samples per PPO update
-    text_epochs: int = 2  # PPO passes over a text round's samples
-    image_epochs: int = 1  # PPO passes over an image round's samples (each costs a UNet backward per step)
+    text_epochs: int = 4  # PPO passes over a text round's samples
+    image_epochs: int = 2  # PPO passes over an image round's samples (each costs a UNet backward per step)
     clip_range: float = 0.2
     adv_clip_max: float = 5.0
     # A round's remaining updates are skipped once the mean approximate KL to the rollout policy exceeds this.
     max_approx_kl: float = 0.1
-    lr_text: float = 2e-3
-    lr_image: float = 2e-3
+    # At 2e-3 with 1 image epoch RL hardly moved the tokens (approximate KL ~0.003); 1e-2 with the epochs above
+    # moves them until the KL stop (BENCHMARKS.md, "Stage 2": RL variants from the same grounded tokens).
+    lr_text: float = 1e-2
+    lr_image: float = 1e-2
     max_grad_norm: float = 1.0
     text_temperature: float = (
         1.0  # sampling temperature of the text rollouts (and of their log-probabilities)
@@ -285,7 +305,9 @@ class RLConfig:
     weights: dict[str, float] = field(
         default_factory=lambda: {
             "personalization_text": 1.0,
-            "personalization_image": 1.0,
+            # 2: with 1, the updates traded image personalization for consistency, whose spread dominates the
+            # group-normalised advantages; 2 raised both (4 did not help further).
+            "personalization_image": 2.0,
             "consistency": 1.0,
             "fidelity": 0.5,
         }
@@ -424,7 +446,7 @@ def _validate_generators(g: GeneratorConfig) -> None:
     _choice(f"{key}.prediction_type", g.prediction_type, ("epsilon", "v_prediction", "sample"))
     sizes = (
         "text_vocab", "text_max_length", "text_dim", "text_layers", "text_heads", "image_size",
-        "unet_layers_per_block", "unet_heads", "text_encoder_vocab", "text_encoder_max_length",
+        "unet_layers_per_block", "unet_heads", "unet_text_time_heads", "text_encoder_vocab", "text_encoder_max_length",
         "text_encoder_dim", "text_encoder_layers", "text_encoder_heads", "scheduler_steps",
     )  # fmt: skip
     for name in sizes:
@@ -435,7 +457,11 @@ def _validate_generators(g: GeneratorConfig) -> None:
             f"{key}.unet_channels must be at least two positive sizes (cross-attention needs a level below the "
             f"full resolution), got {g.unet_channels}"
         )
-    for dim, heads in (("text_dim", "text_heads"), ("text_encoder_dim", "text_encoder_heads")):
+    for dim, heads in (
+        ("text_dim", "text_heads"),
+        ("text_encoder_dim", "text_encoder_heads"),
+        ("text_encoder_dim", "unet_text_time_heads"),
+    ):
         if getattr(g, dim) % getattr(g, heads):
             raise DppmgError(
                 f"{key}.{dim} ({getattr(g, dim)}) must be a multiple of {key}.{heads} ({getattr(g, heads)})"
@@ -467,11 +493,12 @@ def _validate_generators(g: GeneratorConfig) -> None:
 
 def _validate_warmstart(w: WarmStartConfig) -> None:
     key = "stage2.warmstart"
-    for name in ("text_steps", "image_steps"):
+    for name in ("text_steps", "image_steps", "text_hint_copies"):
         if getattr(w, name) < 0:
             raise DppmgError(f"{key}.{name} must be >= 0 (0 skips that part), got {getattr(w, name)}")
-    if w.batch_size < 1:
-        raise DppmgError(f"{key}.batch_size must be >= 1, got {w.batch_size}")
+    for name in ("batch_size", "text_hint_words"):
+        if getattr(w, name) < 1:
+            raise DppmgError(f"{key}.{name} must be >= 1, got {getattr(w, name)}")
     for name in ("lr_text", "lr_image", "max_grad_norm"):
         if getattr(w, name) <= 0:
             raise DppmgError(f"{key}.{name} must be > 0, got {getattr(w, name)}")

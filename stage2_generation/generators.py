@@ -34,6 +34,7 @@ phrases; each word is one token). Both reserve [PAD]=0, [UNK]=1, [BOS]=2, [EOS]=
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import shutil
@@ -65,7 +66,7 @@ from dppmg.config import GeneratorConfig
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.io import commit_dir, read_json, staging_dir, write_json
-from dppmg.scorer import BOS, SPECIAL_TOKENS, UNK, build_tokenizer, clean_texts, wrap_tokenizer
+from dppmg.scorer import BOS, SPECIAL_TOKENS, UNK, Scorer, build_tokenizer, clean_texts, wrap_tokenizer
 from stage2_generation.injection import HOLDER_NAME
 
 TEXT_DIR = "text"  # inside a generators folder: the LM and its tokenizer (save_pretrained)
@@ -116,13 +117,19 @@ class Generators:
 
 
 def build_generators(
-    cfg: GeneratorConfig, texts: Sequence[str], seed: int, image_texts: Sequence[str] | None = None
+    cfg: GeneratorConfig,
+    texts: Sequence[str],
+    seed: int,
+    image_texts: Sequence[str] | None = None,
+    scorer: Scorer | None = None,
 ) -> Generators:
     """The generators the config names, loaded; or tiny ones built over `texts` (deterministic for a seed).
 
     Args:
         texts: the corpus of the tiny LM's tokenizer (e.g. the items' texts and keywords).
         image_texts: the corpus of the tiny text encoder's tokenizer; default `texts`.
+        scorer: the dataset's scorer, whose text tower (a copy) becomes the tiny pipeline's text encoder when
+            `cfg.text_encoder_from_scorer` is set; required then.
     """
     if cfg.text_model is not None:
         lm, tokenizer = load_text_generator(cfg.text_model)
@@ -132,7 +139,17 @@ def build_generators(
     if cfg.image_pipeline is not None:
         pipe = load_image_pipeline(cfg.image_pipeline)
     else:
-        pipe = build_tiny_image_pipeline(texts if image_texts is None else image_texts, cfg, seed=seed)
+        tower = None
+        if cfg.text_encoder_from_scorer:
+            if scorer is None:
+                raise DppmgError(
+                    "stage2.generators.text_encoder_from_scorer is true but no scorer was given: the tiny "
+                    "image pipeline takes its text encoder from the dataset's scorer (or set it to false)"
+                )
+            tower = scorer_text_tower(scorer)
+        pipe = build_tiny_image_pipeline(
+            texts if image_texts is None else image_texts, cfg, seed=seed, text_tower=tower
+        )
     info = {"text": cfg.text_model or TINY, "image": cfg.image_pipeline or TINY, "seed": seed}
     return Generators(lm, tokenizer, pipe, info).to(cfg.device)
 
@@ -195,21 +212,51 @@ def build_tiny_lm(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfig, seed
 # Tiny image generator
 
 
+def scorer_text_tower(scorer: Scorer) -> tuple[CLIPTextModel, PreTrainedTokenizerBase]:
+    """A copy of the scorer's text tower as a `CLIPTextModel`, and a copy of its tokenizer.
+
+    Copies, because injecting preference tokens resizes the encoder and extends the tokenizer, and the scorer
+    itself must stay as it is: it computes the rewards.
+    """
+    encoder = CLIPTextModel(scorer.model.config.text_config)
+    encoder.load_state_dict(scorer.model.text_model.state_dict())
+    return encoder.eval(), copy.deepcopy(scorer.tokenizer)
+
+
 def build_tiny_image_pipeline(
-    texts: Sequence[str], cfg: GeneratorConfig, seed: int = 0
+    texts: Sequence[str],
+    cfg: GeneratorConfig,
+    seed: int = 0,
+    text_tower: tuple[CLIPTextModel, PreTrainedTokenizerBase] | None = None,
 ) -> StableDiffusionPipeline:
     """An untrained pixel-space Stable-Diffusion pipeline (no VAE) sized by the config; see the module docstring.
 
-    Its text encoder is a `CLIPTextModel` over a word-level tokenizer of `texts`; the UNet attends to the text
-    encoder's hidden states in its middle block and at the config's lowest-resolution levels.
+    Its text encoder is `text_tower` (an encoder and its tokenizer, e.g. `scorer_text_tower`'s: trained
+    already, as Stable Diffusion takes CLIP's), or else a new `CLIPTextModel` over a word-level tokenizer of
+    `texts`. The UNet attends to the encoder's hidden states in its middle block and at the config's
+    lowest-resolution levels, and with `unet_text_time_embedding` also adds a pooled summary of them to its
+    time embedding.
     """
-    corpus = [t for t in clean_texts(texts) if t]
-    if not corpus:
-        raise DppmgError("the tiny image generator's tokenizer needs a non-empty list of texts to learn from")
-    tokenizer = build_tokenizer(corpus, cfg.text_encoder_vocab, cfg.text_encoder_max_length)
-    with _seeded(seed):
-        text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, cfg))
-        unet = _tiny_unet(cfg)
+    if text_tower is not None:
+        text_encoder, tokenizer = text_tower
+        width = text_encoder.config.hidden_size
+        if cfg.unet_text_time_embedding and width % cfg.unet_text_time_heads:
+            raise DppmgError(
+                f"stage2.generators.unet_text_time_heads ({cfg.unet_text_time_heads}) must divide the text "
+                f"encoder's width ({width}, the scorer's text hidden size)"
+            )
+        with _seeded(seed):
+            unet = _tiny_unet(cfg, width)
+    else:
+        corpus = [t for t in clean_texts(texts) if t]
+        if not corpus:
+            raise DppmgError(
+                "the tiny image generator's tokenizer needs a non-empty list of texts to learn from"
+            )
+        tokenizer = build_tokenizer(corpus, cfg.text_encoder_vocab, cfg.text_encoder_max_length)
+        with _seeded(seed):
+            text_encoder = CLIPTextModel(_text_encoder_config(tokenizer, cfg))
+            unet = _tiny_unet(cfg, cfg.text_encoder_dim)
     scheduler = DDIMScheduler(
         num_train_timesteps=cfg.scheduler_steps,
         beta_start=cfg.beta_start,
@@ -252,7 +299,7 @@ def _text_encoder_config(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfi
     )
 
 
-def _tiny_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
+def _tiny_unet(cfg: GeneratorConfig, cross_attention_dim: int) -> UNet2DConditionModel:
     attended = cfg.unet_attention_levels
     plain = len(cfg.unet_channels) - attended  # the high-resolution levels, without attention
     return UNet2DConditionModel(
@@ -263,10 +310,15 @@ def _tiny_unet(cfg: GeneratorConfig) -> UNet2DConditionModel:
         down_block_types=("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * attended,
         up_block_types=("CrossAttnUpBlock2D",) * attended + ("UpBlock2D",) * plain,
         layers_per_block=cfg.unet_layers_per_block,
-        cross_attention_dim=cfg.text_encoder_dim,
+        cross_attention_dim=cross_attention_dim,
         # diffusers' legacy name: in UNet2DConditionModel, attention_head_dim is the number of heads.
         attention_head_dim=cfg.unet_heads,
         norm_num_groups=math.gcd(MAX_NORM_GROUPS, *cfg.unet_channels),
+        **(
+            {"addition_embed_type": "text", "addition_embed_type_num_heads": cfg.unet_text_time_heads}
+            if cfg.unet_text_time_embedding
+            else {}
+        ),
     )
 
 
@@ -423,6 +475,7 @@ def generate_texts(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
+    progress: bool = True,
 ) -> list[str]:
     """The continuation of each prompt (without the prompt), decoded without special tokens.
 
@@ -436,7 +489,7 @@ def generate_texts(
     texts: list[str] = []
     starts = range(0, len(prompts), batch_size)
     with _eval_mode(lm), _seeded(seed, device):
-        for start in tqdm(starts, desc="texts", disable=len(starts) <= 1):
+        for start in tqdm(starts, desc="texts", disable=not progress or len(starts) <= 1):
             chunk = prompts[start : start + batch_size]
             batch = tokenizer(chunk, padding=True, padding_side="left", return_tensors="pt").to(device)
             length = batch["input_ids"].shape[1]
@@ -466,6 +519,7 @@ def generate_images(
     guidance: float = 3.0,
     seed: int = 0,
     batch_size: int = 16,
+    progress: bool = True,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] images for the prompts (DDIM with classifier-free guidance when guidance > 1).
 
@@ -479,7 +533,7 @@ def generate_images(
     pixel_space = pipe.vae is None
     images = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="images", disable=len(starts) <= 1):
+    for start in tqdm(starts, desc="images", disable=not progress or len(starts) <= 1):
         chunk = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(_image_seed(seed, start + j)) for j in range(len(chunk))]
         out = pipe(

@@ -30,6 +30,7 @@ from PIL import Image
 
 from dppmg.config import Config, load_config, to_dict, to_yaml
 from dppmg.data.format import ProcessedDataset, load_dataset
+from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, finished_with, write_json, write_text
 from dppmg.log import logger
@@ -38,7 +39,7 @@ from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
 from dppmg.tracking import build_tracker, flatten_metrics
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
-from stage2_generation.generators import generate_images, generate_texts
+from stage2_generation.generators import generate_images, generate_texts, image_size
 from stage2_generation.grounding import ground, training_pairs
 from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
 from stage2_generation.policy import Pair, Policy
@@ -115,24 +116,27 @@ class Components:
     warmstart_seconds: float
 
 
-def load_components(cfg: Config, progress: bool = True) -> Components:
-    """Dataset, token checkpoint, warm-started generators with the tokens injected, scorer and reward."""
+def load_components(cfg: Config, progress: bool = True, dataset: Path | None = None) -> Components:
+    """Dataset, token checkpoint, warm-started generators with the tokens injected, scorer and reward.
+
+    `dataset` is the processed dataset's folder when the caller has just prepared it (not prepared again).
+    """
     from dppmg.data.prepare import prepare
     from stage1_preference.encoders import TextEncoder
 
-    ds = load_dataset(prepare(cfg, progress=progress))
+    ds = load_dataset(dataset if dataset is not None else prepare(cfg, progress=progress))
     ckpt = TokenCheckpoint.load(tokens_folder(cfg))
     content_hash = str(ds.meta["content_hash"])
     ckpt.check_compatible(content_hash)
     s2 = cfg.stage2
     start = time.perf_counter()
     cache = Path(cfg.features.cache_dir) / "generators"
-    gen = warm_start(ds, s2.generators, s2.warmstart, cache, cfg.seed, progress=progress)
-    warm_seconds = time.perf_counter() - start
-    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart)
     if not (ds.root / "scorer").is_dir():
         raise DppmgError(f"{ds.root}/scorer is missing: stage 2 scores images with the dataset's scorer")
     scorer = Scorer.load(ds.root / "scorer", s2.generators.device)
+    gen = warm_start(ds, s2.generators, s2.warmstart, cache, cfg.seed, progress=progress, scorer=scorer)
+    warm_seconds = time.perf_counter() - start
+    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart)
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
     rewarder = Rewarder(ds, scorer, encoder, s2.rl.weights)
     return Components(ds, ckpt, policy, rewarder, warm_seconds)
@@ -143,7 +147,7 @@ def load_components(cfg: Config, progress: bool = True) -> Components:
 
 
 def generate_pairs(
-    policy: Policy, pairs: list[Pair], cfg: Config, personalized: bool
+    policy: Policy, pairs: list[Pair], cfg: Config, personalized: bool, progress: bool = True
 ) -> tuple[list[str], np.ndarray, float, float, int]:
     """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by the config."""
     g = cfg.stage2.generation
@@ -151,13 +155,13 @@ def generate_pairs(
     start = time.perf_counter()
     texts = generate_texts(
         gen.lm, gen.lm_tokenizer, policy.text_prompts(pairs, personalized), max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature, seed=cfg.seed, batch_size=g.batch_size,
+        temperature=g.temperature, seed=cfg.seed, batch_size=g.batch_size, progress=progress,
     )  # fmt: skip
     text_seconds = time.perf_counter() - start
     start = time.perf_counter()
     images = generate_images(
         gen.pipe, policy.image_prompts(pairs, personalized), steps=g.image_steps, guidance=g.guidance,
-        seed=cfg.seed, batch_size=g.batch_size,
+        seed=cfg.seed, batch_size=g.batch_size, progress=progress,
     )  # fmt: skip
     image_seconds = time.perf_counter() - start
     # Generated tokens, counted by re-tokenizing (the EOS that ended a text counts as one).
@@ -166,9 +170,15 @@ def generate_pairs(
 
 
 def evaluate_condition(
-    policy: Policy, rewarder: Rewarder, pairs: list[Pair], cfg: Config, personalized: bool, judge=None
+    policy: Policy,
+    rewarder: Rewarder,
+    pairs: list[Pair],
+    cfg: Config,
+    personalized: bool,
+    judge=None,
+    progress: bool = True,
 ) -> Generated:
-    texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized)
+    texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized, progress)
     result = rewarder(pairs, texts, images)
     metrics = summarise([result])
     per_pair = {k: v.tolist() for k, v in result.components.items()}
@@ -191,6 +201,61 @@ def attribute_metrics(
     return out
 
 
+def oracle_metrics(
+    rewarder: Rewarder, pairs: list[Pair], side: int, seed: int, judge=None
+) -> dict[str, float] | None:
+    """The reward metrics of the best a generator could do on this world: for each held-out pair, a catalogue
+    item of the target's category that has the user's true preferences (the most matching attributes; the
+    text from such an item for the text taste, the image from one for the image taste), scored like a
+    generation. None on datasets without ground truth (attr_* / pref_* columns).
+
+    It calibrates the personalization metrics: their gain over heldout.none is bounded by this one's.
+    """
+    from stage2_generation.attributes import (
+        ATTRIBUTE_PREFIX,
+        IMAGE_PREFERENCE_PREFIX,
+        TEXT_PREFERENCE_PREFIX,
+    )
+
+    ds = rewarder.ds
+    items, users = ds.items, ds.users.set_index("user_idx")
+    category = f"{ATTRIBUTE_PREFIX}category"
+    if category not in items.columns or any(p.item is None for p in pairs):
+        return None
+    tastes = {
+        prefix: [c[len(prefix) :] for c in users.columns if c.startswith(prefix)]
+        for prefix in (TEXT_PREFERENCE_PREFIX, IMAGE_PREFERENCE_PREFIX)
+    }
+    if not all(tastes.values()):
+        return None
+    rng = np.random.default_rng(seed)
+    has = {
+        IMAGE_PREFERENCE_PREFIX: items["image"].notna().to_numpy(),
+        TEXT_PREFERENCE_PREFIX: items["text"].notna().to_numpy(),
+    }
+    chosen: dict[str, list[int]] = {prefix: [] for prefix in tastes}
+    for p in pairs:
+        same = items[category].to_numpy() == items[category].iat[p.item]
+        for prefix, attrs in tastes.items():
+            match = sum(
+                (items[f"{ATTRIBUTE_PREFIX}{a}"] == users.at[p.user, f"{prefix}{a}"]).to_numpy()
+                for a in attrs
+            )
+            ok = same & has[prefix]
+            if not ok.any():  # no candidate with that modality in the category: no ceiling to report
+                return None
+            best = np.flatnonzero(ok & (match == match[ok].max()))
+            chosen[prefix].append(int(rng.choice(best)))
+    texts = [str(items["text"].iat[i]) for i in chosen[TEXT_PREFERENCE_PREFIX]]
+    images = load_image_array(
+        [ds.image_path(i) for i in chosen[IMAGE_PREFERENCE_PREFIX]], side, progress=False
+    )
+    metrics = summarise([rewarder(pairs, texts, images)])
+    if judge is not None:
+        metrics.update(attribute_metrics(judge, ds, pairs, texts, images))
+    return metrics
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The run
 
@@ -201,7 +266,8 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     out = cfg.run_dir / "stage2"
     from dppmg.data.prepare import prepare
 
-    content_hash = str(load_dataset(prepare(cfg, progress=progress), features=False).meta["content_hash"])
+    dataset = prepare(cfg, progress=progress)
+    content_hash = str(load_dataset(dataset, features=False).meta["content_hash"])
     fingerprint = stage2_fingerprint(cfg, content_hash, tokens_dir)
     if finished_with(
         out / "metrics.json", "fingerprint", fingerprint, cfg.stage2.overwrite, "stage2.overwrite", "run_name"
@@ -212,7 +278,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
     total_start = time.perf_counter()
-    c = load_components(cfg, progress)
+    c = load_components(cfg, progress, dataset)
     policy, rewarder, ds = c.policy, c.rewarder, c.ds
     s2 = cfg.stage2
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
@@ -237,7 +303,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
         if "none" not in state.evals:
             logger.info("generating for the held-out pairs without preference tokens (heldout.none)")
             state.evals["none"] = evaluate_condition(
-                policy, rewarder, pairs, cfg, personalized=False, judge=judge
+                policy, rewarder, pairs, cfg, personalized=False, judge=judge, progress=progress
             )
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         if state.grounding is None:
@@ -245,14 +311,14 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
             state.grounding = ground(policy, ds, pool, s2.grounding, cfg.seed, progress)
             state.seconds["grounding"] = time.perf_counter() - start
             state.evals["grounded"] = evaluate_condition(
-                policy, rewarder, pairs, cfg, personalized=True, judge=judge
+                policy, rewarder, pairs, cfg, personalized=True, judge=judge, progress=progress
             )
             tracker.log(flatten_metrics({"grounded": state.evals["grounded"].metrics}), step=0)
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         _rl(policy, rewarder, pool, cfg, state, optimizers, tracker, out, progress)
         if "rl" not in state.evals:
             state.evals["rl"] = evaluate_condition(
-                policy, rewarder, pairs, cfg, personalized=True, judge=judge
+                policy, rewarder, pairs, cfg, personalized=True, judge=judge, progress=progress
             )
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         metrics = _finish(out, cfg, c, state, pairs, fingerprint, judge, time.perf_counter() - total_start)
@@ -419,6 +485,7 @@ def _finish(
         export_image_tokens(policy.image, export / "image")
     _write_generations(out / "generations", ds, pairs, state)
     heldout = {k: state.evals[k].metrics for k in CONDITIONS}
+    oracle = oracle_metrics(c.rewarder, pairs, image_size(policy.gen.pipe), cfg.seed, judge)
     rl_eval = state.evals["rl"]
     n = len(pairs)
     timing = {
@@ -436,6 +503,15 @@ def _finish(
         # Every heldout.* entry averages the same pairs; this is how many (and which users).
         "heldout_pairs": n,
         "gains": _targets(heldout),
+        # The ceiling of the personalization metrics on a world with ground truth (oracle_metrics), and the
+        # gain over heldout.none it reaches: the yardstick for "gains" (null on real datasets).
+        "heldout_oracle": oracle,
+        "oracle_personalization_gain_over_none": None
+        if oracle is None
+        else _relative(
+            (oracle["personalization_text"] + oracle["personalization_image"]) / 2,
+            (heldout["none"]["personalization_text"] + heldout["none"]["personalization_image"]) / 2,
+        ),
         **{k: timing[k] for k in ("images_per_second", "tokens_per_second", "rl_iteration_seconds")},
         "timing": timing,
         "grounding": state.grounding,

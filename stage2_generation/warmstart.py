@@ -39,6 +39,7 @@ from dppmg.data.format import ProcessedDataset, content_hash
 from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
 from dppmg.log import logger
+from dppmg.scorer import Scorer
 from stage2_generation.generators import (
     MANIFEST_FILE,
     Generators,
@@ -54,7 +55,8 @@ KEYWORDS = "{keywords}"  # the placeholder in the prompt templates (str.replace,
 LOSS_WINDOW = (
     0.1  # loss_first / loss_last average this share of the steps: one diffusion step's loss is noisy
 )
-CACHE_VERSION = 2  # bump when the training recipe changes, so older caches are not reused
+MIN_HINT_LETTERS = 3  # shorter words ("a", "the", "for") carry no preference
+CACHE_VERSION = 3  # bump when the training recipe changes, so older caches are not reused
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,14 +69,44 @@ def fill_prompt(template: str, keywords: Any) -> str:
     return template.replace(KEYWORDS, phrase).strip()
 
 
-def text_warmstart_examples(items: pd.DataFrame, template: str = "{keywords}:") -> list[tuple[str, str]]:
-    """(prompt from the keywords, target = the item's text) for every item that has a text, in item order."""
-    examples = []
+def text_warmstart_examples(
+    items: pd.DataFrame,
+    template: str = "{keywords}:",
+    hint_copies: int = 0,
+    hint_words: int = 3,
+    seed: int = 0,
+) -> list[tuple[str, str]]:
+    """(prompt from the keywords, target = the item's text) for every item that has a text, in item order.
+
+    With `hint_copies` > 0, each item also gets that many examples whose prompt starts with 1..`hint_words` words
+    drawn from its own text ("farmhouse cotton clock:"). The LM then learns to carry words placed before the
+    keywords into what it writes, and that is the slot the user's preference tokens occupy later: a soft
+    token can only steer an LM that has learned to listen to what precedes the keywords.
+    """
+    rng = np.random.default_rng(seed)
+    examples, hinted = [], []
     for keywords, text in zip(items["keywords"], items["text"], strict=True):
         if text is None or pd.isna(text) or not str(text).strip():
             continue
-        examples.append((fill_prompt(template, keywords), str(text).strip()))
-    return examples
+        prompt, target = fill_prompt(template, keywords), str(text).strip()
+        examples.append((prompt, target))
+        pool = _hint_pool(target, prompt)
+        for _ in range(hint_copies if pool else 0):
+            picked = rng.choice(
+                pool, size=min(len(pool), int(rng.integers(1, hint_words + 1))), replace=False
+            )
+            hinted.append((" ".join(picked) + " " + prompt, target))
+    return examples + hinted
+
+
+def _hint_pool(text: str, prompt: str) -> list[str]:
+    """The words of `text` a hint may use: lowercased, without punctuation, longer than 3 letters, not in the prompt."""
+    taken = set(_words(prompt))
+    return sorted({w for w in _words(text) if len(w) > MIN_HINT_LETTERS and w not in taken})
+
+
+def _words(text: str) -> list[str]:
+    return [w.strip(".,;:!?\"'()").lower() for w in text.split()]
 
 
 def image_warmstart_examples(
@@ -224,15 +256,18 @@ def train_image_warmstart(
     ema_decay: float = 0.0,
     captions: Sequence[str | None] | None = None,
     caption_prob: float = 0.0,
+    train_text_encoder: bool = True,
 ) -> dict[str, float]:
-    """Fine-tune the UNet and text encoder on uint8 [N, H, W, 3] images and their prompts.
+    """Fine-tune the UNet (and the text encoder, if `train_text_encoder`) on uint8 [N, H, W, 3] images and their
+    prompts. A trained text encoder (the scorer's, or a real pipeline's CLIP) is best left frozen, as in Stable
+    Diffusion's own training: a few minutes of denoising gradients only blur what it knows about words.
 
     With `captions` (one per image, e.g. the item's text), a share `caption_prob` of the prompts is the caption
     instead: the model then learns to follow descriptive words (colours, patterns), not only the keywords.
 
     The learning rate warms up and decays as in `train_text_warmstart`. With `ema_decay` > 0 both models end
-    up holding the exponential moving average of their weights: after a short run at a high learning rate the
-    last weights still jitter from step to step, and the average samples far cleaner images.
+    up holding the exponential moving average of their weights rather than the last ones (the usual remedy for
+    weights that still jitter at the end of a run; with the cosine decay to 0 they hardly do).
     Returns loss_first, loss_last (of the trained weights, not the average), seconds, steps. Both models are
     left in eval mode.
     """
@@ -246,7 +281,8 @@ def train_image_warmstart(
             f"image warm-start images are {list(images.shape[1:])}, the pipeline makes [{side}, {side}, 3]"
         )
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
-    params = [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]
+    pipe.text_encoder.requires_grad_(train_text_encoder)
+    params = [*pipe.unet.parameters(), *(pipe.text_encoder.parameters() if train_text_encoder else [])]
     optimizer, schedule = _optimizer(params, lr, steps, warmup)
     # EMAModel ramps its decay up as (1 + t) / (10 + t) to ema_decay, so early, random weights fade quickly.
     ema = EMAModel(params, decay=ema_decay, foreach=True) if ema_decay > 0 else None
@@ -329,11 +365,20 @@ def _summary(losses: list[float], seconds: float) -> dict[str, float]:
 # Cached warm-start
 
 
-def warmstart_key(dataset_hash: str, gen_cfg: GeneratorConfig, ws_cfg: WarmStartConfig, seed: int) -> str:
-    """The cache folder name: the dataset hash and a hash of everything else that shapes the result."""
+def warmstart_key(
+    dataset_hash: str, gen_cfg: GeneratorConfig, ws_cfg: WarmStartConfig, seed: int, scorer_hash: str = ""
+) -> str:
+    """The cache folder name: the dataset hash and a hash of everything else that shapes the result (including
+    the scorer's text tower, when the pipeline's text encoder is a copy of it)."""
     gen = {k: v for k, v in to_dict(gen_cfg).items() if k != "device"}  # where it trained changes nothing
     blob = json.dumps(
-        {"version": CACHE_VERSION, "generators": gen, "warmstart": to_dict(ws_cfg), "seed": seed},
+        {
+            "version": CACHE_VERSION,
+            "generators": gen,
+            "warmstart": to_dict(ws_cfg),
+            "seed": seed,
+            "scorer": scorer_hash,
+        },
         sort_keys=True,
     )
     return f"{dataset_hash}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -341,6 +386,15 @@ def warmstart_key(dataset_hash: str, gen_cfg: GeneratorConfig, ws_cfg: WarmStart
 
 def _dataset_hash(ds: ProcessedDataset) -> str:
     return str(ds.meta.get("content_hash") or content_hash(ds.items, ds.interactions, ds.users))
+
+
+def _text_tower_hash(scorer: Scorer) -> str:
+    """A short hash of the scorer's text-tower weights: a retrained scorer must not reuse an old warm-start."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(scorer.model.text_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _prompt_or_caption(
@@ -370,14 +424,24 @@ def warm_start(
     cache_root: str | Path,
     seed: int,
     progress: bool = True,
+    scorer: Scorer | None = None,
 ) -> Generators:
     """Generators built from `gen_cfg` and warm-started on `ds`'s items; cached under cache_root/<key>/.
+
+    `scorer` is the dataset's scorer, needed when the tiny pipeline's text encoder comes from it
+    (`gen_cfg.text_encoder_from_scorer`).
 
     The text part is skipped when no item has a text, the image part when no item has an image (or when the
     config gives it 0 steps). `info["warmstart"]` holds each part's loss and time.
     """
     dataset_hash = _dataset_hash(ds)
-    folder = Path(cache_root) / warmstart_key(dataset_hash, gen_cfg, ws_cfg, seed)
+    from_scorer = gen_cfg.image_pipeline is None and gen_cfg.text_encoder_from_scorer
+    if from_scorer and scorer is None:
+        raise DppmgError(
+            f"{ds.root}: stage2.generators.text_encoder_from_scorer needs the dataset's scorer ({ds.root}/scorer)"
+        )
+    scorer_hash = _text_tower_hash(scorer) if from_scorer and scorer is not None else ""
+    folder = Path(cache_root) / warmstart_key(dataset_hash, gen_cfg, ws_cfg, seed, scorer_hash)
     if (folder / MANIFEST_FILE).is_file():
         logger.info("warm-started generators loaded from the cache %s", folder)
         return load_generators(folder, gen_cfg.device)
@@ -387,9 +451,11 @@ def warm_start(
         raise DppmgError(
             f"{ds.root}: items have neither text nor keywords; nothing to warm-start the generators on"
         )
-    gen = build_generators(gen_cfg, corpus, seed=seed)
+    gen = build_generators(gen_cfg, corpus, seed=seed, scorer=scorer)
     report: dict[str, Any] = {}
-    examples = text_warmstart_examples(ds.items, ws_cfg.text_prompt)
+    examples = text_warmstart_examples(
+        ds.items, ws_cfg.text_prompt, ws_cfg.text_hint_copies, ws_cfg.text_hint_words, seed
+    )
     if examples and ws_cfg.text_steps > 0:
         report["text"] = train_text_warmstart(
             gen.lm, gen.lm_tokenizer, examples, ws_cfg.text_steps, ws_cfg.batch_size, ws_cfg.lr_text, seed,
@@ -403,6 +469,7 @@ def warm_start(
             gen.pipe, prompts, images, ws_cfg.image_steps, ws_cfg.batch_size, ws_cfg.lr_image, seed, progress,
             uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,
             ema_decay=ws_cfg.ema_decay, captions=_image_captions(ds), caption_prob=ws_cfg.image_caption_prob,
+            train_text_encoder=gen_cfg.image_pipeline is None and not gen_cfg.text_encoder_from_scorer,
         )  # fmt: skip
         logger.info("warm-start images: loss %.3f → %.3f in %.0f s", *_loss_line(report["image"]))
     gen.info.update(dataset_hash=dataset_hash, warmstart=report)

@@ -53,6 +53,7 @@ TINY = GeneratorConfig(
     text_encoder_dim=32,
     text_encoder_layers=1,
     text_encoder_heads=2,
+    text_encoder_from_scorer=False,  # tests with the scorer's text tower pass one explicitly
 )
 
 

@@ -242,6 +242,10 @@ def test_stage2_writes_the_contract(finished):
         assert m[key] > 0
     assert m["heldout_pairs"] == 4 and len(m["rl_history"]) == cfg.stage2.rl.iterations
     assert all("met" in v for v in m["gains"].values())
+    # The ceiling: catalogue items with each user's true tastes, judged to have them.
+    oracle = m["heldout_oracle"]
+    assert oracle["hit_image"] >= 0.75 and oracle["hit_text"] >= 0.5, oracle
+    assert np.isfinite(m["oracle_personalization_gain_over_none"])
     rows = [json.loads(line) for line in (out / "generations" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 4 and all((out / "generations" / r["image"]).is_file() for r in rows)
     html = (out / "gallery.html").read_text()

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from dppmg.config import GeneratorConfig, WarmStartConfig, load_config
+from dppmg.config import GeneratorConfig, ScorerConfig, WarmStartConfig, load_config
 from dppmg.data.format import ProcessedDataset, content_hash
 from dppmg.data.imageio import write_image_array
 from dppmg.errors import DppmgError
+from dppmg.scorer import Scorer, build_tiny_scorer
 from stage2_generation import warmstart
 from stage2_generation.generators import build_generators, image_size
 from stage2_generation.warmstart import (
@@ -43,6 +44,7 @@ TINY = GeneratorConfig(
     text_encoder_dim=32,
     text_encoder_layers=1,
     text_encoder_heads=2,
+    text_encoder_from_scorer=False,  # tests with the scorer's text tower pass one explicitly
 )
 FEW_STEPS = WarmStartConfig(text_steps=2, image_steps=2, batch_size=4)
 
@@ -77,6 +79,31 @@ def _one_thread() -> None:
 def test_examples_pair_keywords_with_text_and_skip_items_without_text() -> None:
     items = pd.DataFrame({"keywords": ["red lamp", None, "blue clock"], "text": ["A red lamp.", "x", None]})
     assert text_warmstart_examples(items) == [("red lamp:", "A red lamp."), (":", "x")]
+
+
+def test_hinted_examples_prefix_words_of_the_items_own_text() -> None:
+    items = pd.DataFrame(
+        {
+            "keywords": ["lamp", "clock"],
+            "text": ["A rustic walnut lamp for the kitchen.", "Sleek steel clock."],
+        }
+    )
+    examples = text_warmstart_examples(items, hint_copies=3, hint_words=2, seed=0)
+    assert examples[:2] == [
+        ("lamp:", "A rustic walnut lamp for the kitchen."),
+        ("clock:", "Sleek steel clock."),
+    ]
+    hinted = examples[2:]
+    assert len(hinted) == 6
+    for prompt, target in hinted:
+        hint, _, rest = prompt.rpartition(" ")
+        words = hint.split()
+        assert rest in ("lamp:", "clock:") and 1 <= len(words) <= 2
+        allowed = {w.strip(".").lower() for w in target.split() if len(w.strip(".")) > 3} - {rest[:-1]}
+        assert set(words) <= allowed, (prompt, target)
+    assert text_warmstart_examples(items, hint_copies=3, seed=0) == text_warmstart_examples(
+        items, hint_copies=3, seed=0
+    )
 
 
 def test_prompt_tokens_are_masked_out_of_the_text_loss() -> None:
@@ -245,3 +272,45 @@ def test_config_rejects_bad_warmstart_values() -> None:
         load_config(overrides=["stage2.warmstart.warmup=1.0"])
     with pytest.raises(DppmgError, match="ema_decay"):
         load_config(overrides=["stage2.warmstart.ema_decay=-0.1"])
+
+
+def _tiny_scorer(ds: ProcessedDataset, hidden: int = 32) -> Scorer:
+    cfg = ScorerConfig(hidden_size=hidden, num_layers=1, num_heads=2, projection_dim=16, max_text_length=12)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build_tiny_scorer(cfg, list(ds.items["text"]))
+
+
+def test_text_encoder_from_the_scorer_is_a_frozen_copy(tmp_path: Path) -> None:
+    ds = make_dataset(tmp_path / "data")
+    scorer = _tiny_scorer(ds)
+    before = {k: v.clone() for k, v in scorer.model.text_model.state_dict().items()}
+    cfg = dataclasses.replace(TINY, text_encoder_from_scorer=True)
+    gen = warm_start(ds, cfg, FEW_STEPS, tmp_path / "cache", seed=0, progress=False, scorer=scorer)
+    encoder = gen.pipe.text_encoder.state_dict()
+    # The pipeline encodes with the scorer's weights and tokenizer, and the warm-start left them alone...
+    assert all(torch.equal(encoder[k], before[k]) for k in before)
+    assert gen.pipe.unet.config.cross_attention_dim == 32
+    assert gen.pipe.tokenizer("red lamp")["input_ids"] == scorer.tokenizer("red lamp")["input_ids"]
+    # ...while the UNet trained; the pipeline holds copies, so extending its vocabulary leaves the scorer be.
+    assert gen.info["warmstart"]["image"]["steps"] == FEW_STEPS.image_steps
+    n_vocab = len(scorer.tokenizer)
+    gen.pipe.tokenizer.add_tokens(["<pi_0_0>"])
+    gen.pipe.text_encoder.resize_token_embeddings(len(gen.pipe.tokenizer))
+    assert len(scorer.tokenizer) == n_vocab
+    assert scorer.model.text_model.embeddings.token_embedding.weight.shape[0] == n_vocab
+    # Without a scorer it says what it needs; another scorer is another cache entry.
+    with pytest.raises(DppmgError, match="scorer"):
+        warm_start(ds, cfg, FEW_STEPS, tmp_path / "cache", seed=0, progress=False)
+    other = warm_start(ds, cfg, FEW_STEPS, tmp_path / "cache", 0, False, scorer=_tiny_scorer(ds, hidden=16))
+    assert other.pipe.unet.config.cross_attention_dim == 16
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_unet_adds_a_pooled_prompt_to_its_time_embedding_when_configured() -> None:
+    on = build_generators(TINY, ["red lamp"], seed=0).pipe.unet
+    off = build_generators(
+        dataclasses.replace(TINY, unet_text_time_embedding=False), ["red lamp"], 0
+    ).pipe.unet
+    assert on.config.addition_embed_type == "text" and on.add_embedding is not None
+    assert off.config.addition_embed_type is None and not hasattr(off, "add_embedding")
