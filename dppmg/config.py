@@ -223,8 +223,10 @@ class GeneratorConfig:
 class WarmStartConfig:
     """Supervised warm-start of the generators on the dataset's items, before any personalization.
 
-    Text: the LM learns item text from a prompt made of the item's keywords. Image: the diffusion model learns
-    the item's image from a prompt made of its keywords. Both are cached per dataset and config.
+    Text: the LM learns item text from a prompt made of the item's keywords (and, in the hint copies, a few of
+    the text's own words before them). Image: the diffusion model learns the item's image from its caption (the
+    item text; the keywords when it has none or for the 1 - image_caption_prob share). Both are cached per
+    dataset, scorer and config.
     """
 
     # Sized for ~5 minutes on 2 CPU cores: the text part ~15 s, the image part ~0.39 s a step at batch 16

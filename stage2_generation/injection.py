@@ -204,6 +204,7 @@ def inject_tokens(
     content_hash: str | None = None,
     expect: dict[str, Any] | None = None,
     per_row_offset: bool = True,
+    seed: int = 0,
 ) -> InjectedTokens:
     """Add `modality`'s L*K tokens to `tokenizer` and `model`, with rows computed from the codebook; freeze the rest.
 
@@ -216,6 +217,8 @@ def inject_tokens(
             the sizes (for a caller without a dataset).
         expect: sizes the checkpoint must have, as in `TokenCheckpoint.check_compatible`.
         per_row_offset: give each token a learned offset on top of the projection.
+        seed: seeds the projection's random initialisation (the global RNG is left as it was, on CPU),
+            so the same checkpoint gives the same rows whatever ran before, e.g. a warm-start or a cache load.
     """
     expect = dict(expect or {})
     expect["modalities"] = list(dict.fromkeys([*expect.get("modalities", []), modality]))
@@ -238,13 +241,15 @@ def inject_tokens(
     # The rows that exist for the tokenizer's vocabulary (not padding rows of a padded table) set the scale.
     reference = embedding.weight.detach()[: min(len(tokenizer), embedding.num_embeddings)]
     first_id = _add_tokens(tokenizer, strings)
-    block = TokenRows(ckpt.codebooks[modality], reference, first_id, per_row_offset)
-
     head_before = model.get_output_embeddings()
-    # Never shrink: a padded table (more rows than the tokenizer has tokens) may already hold the new ids.
-    model.resize_token_embeddings(
-        max(embedding.num_embeddings, first_id + block.num_tokens), mean_resizing=False
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        block = TokenRows(ckpt.codebooks[modality], reference, first_id, per_row_offset)
+        # Never shrink: a padded table (more rows than the tokenizer has tokens) may already hold the new ids.
+        # (The new table rows are drawn at random, but never read: the hook replaces them.)
+        model.resize_token_embeddings(
+            max(embedding.num_embeddings, first_id + block.num_tokens), mean_resizing=False
+        )
     if model.get_input_embeddings() is not embedding:
         raise RuntimeError(
             "resize_token_embeddings replaced the input embedding module; the hook relies on it"

@@ -136,7 +136,7 @@ def load_components(cfg: Config, progress: bool = True, dataset: Path | None = N
     scorer = Scorer.load(ds.root / "scorer", s2.generators.device)
     gen = warm_start(ds, s2.generators, s2.warmstart, cache, cfg.seed, progress=progress, scorer=scorer)
     warm_seconds = time.perf_counter() - start
-    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart)
+    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed)
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
     rewarder = Rewarder(ds, scorer, encoder, s2.rl.weights)
     return Components(ds, ckpt, policy, rewarder, warm_seconds)

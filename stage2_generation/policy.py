@@ -55,7 +55,12 @@ class Policy:
 
     @classmethod
     def inject(
-        cls, gen: Generators, ckpt: TokenCheckpoint, content_hash: str, prompts: WarmStartConfig
+        cls,
+        gen: Generators,
+        ckpt: TokenCheckpoint,
+        content_hash: str,
+        prompts: WarmStartConfig,
+        seed: int = 0,
     ) -> Policy:
         """Inject the checkpoint's text tokens into the LM and its image tokens into the diffusion text encoder.
 
@@ -66,12 +71,14 @@ class Policy:
             raise DppmgError(f"{ckpt.path}: the token checkpoint has neither text nor image tokens")
         text = image = None
         if "text" in ckpt.modalities:
-            text = inject_tokens(gen.lm, gen.lm_tokenizer, ckpt, "text", content_hash=content_hash)
+            text = inject_tokens(gen.lm, gen.lm_tokenizer, ckpt, "text", content_hash=content_hash, seed=seed)
         else:
             gen.lm.requires_grad_(False)
         pipe = gen.pipe
         if "image" in ckpt.modalities:
-            image = inject_tokens(pipe.text_encoder, pipe.tokenizer, ckpt, "image", content_hash=content_hash)
+            image = inject_tokens(
+                pipe.text_encoder, pipe.tokenizer, ckpt, "image", content_hash=content_hash, seed=seed
+            )
         else:
             pipe.text_encoder.requires_grad_(False)
         pipe.unet.requires_grad_(False)

@@ -184,6 +184,20 @@ def test_new_rows_start_at_the_scale_of_the_existing_rows(ckpt, modality):
     assert 0.5 < float(ratio) < 2.0
 
 
+def test_the_seed_alone_sets_the_initial_rows(ckpt):
+    """Whatever ran before (a warm-start, a cache load) must not change the rows: runs are then comparable."""
+    rows = {}
+    for global_seed, seed in ((1, 3), (2, 3), (1, 4)):
+        model, tokenizer = make_model("text"), make_tokenizer()
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        inj = inject_tokens(model, tokenizer, ckpt, "text", content_hash=HASH, seed=seed)
+        rows[global_seed, seed] = inj.rows().detach()
+        assert torch.equal(torch.get_rng_state(), state)  # the global generator was left where it was
+    assert torch.equal(rows[1, 3], rows[2, 3])
+    assert not torch.equal(rows[1, 3], rows[1, 4])
+
+
 # --- freezing --------------------------------------------------------------------------------------------
 
 
