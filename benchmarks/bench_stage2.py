@@ -80,7 +80,9 @@ def main() -> None:
     if metrics.get("heldout_oracle") is not None:
         oracle = metrics["heldout_oracle"]
         print("  oracle   ", "  ".join(f"{k}={v:.4f}" for k, v in oracle.items()))
-        print(f"  oracle_personalization_gain_over_none: {metrics['oracle_personalization_gain_over_none']:+.4f}")
+        print(
+            f"  oracle_personalization_gain_over_none: {metrics['oracle_personalization_gain_over_none']:+.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,8 @@ from dppmg.data.prepare import prepare  # noqa: E402
 from dppmg.data.synthetic import SYNONYMS  # noqa: E402
 from dppmg.scorer import Scorer  # noqa: E402
 from stage2_generation.attributes import AttributeJudge  # noqa: E402
-from stage2_generation.generators import build_generators, generate_images, image_size  # noqa: E402
-from stage2_generation.warmstart import (  # noqa: E402
-    _image_captions,
-    _tokenizer_corpus,
-    image_warmstart_examples,
-    train_image_warmstart,
-)
+from stage2_generation.generators import build_generators, generate_images  # noqa: E402
+from stage2_generation.warmstart import _tokenizer_corpus, warm_start_images  # noqa: E402
 
 VARIANTS = {"scorer": {"text_encoder_from_scorer": True}, "new": {"text_encoder_from_scorer": False}}
 
@@ -81,14 +76,8 @@ def main() -> None:
         gen_cfg = dataclasses.replace(cfg.stage2.generators, **VARIANTS[name])
         torch.manual_seed(cfg.seed)
         gen = build_generators(gen_cfg, _tokenizer_corpus(ds.items), seed=cfg.seed, scorer=scorer)
-        keywords, images = image_warmstart_examples(ds, ws.image_prompt, image_size(gen.pipe), progress=False)
         start = time.perf_counter()
-        stats = train_image_warmstart(
-            gen.pipe, keywords, images, steps, ws.batch_size, ws.lr_image, cfg.seed, progress=True,
-            uncond_prob=ws.uncond_prob, max_grad_norm=ws.max_grad_norm, warmup=ws.warmup, ema_decay=ws.ema_decay,
-            captions=_image_captions(ds), caption_prob=ws.image_caption_prob,
-            train_text_encoder=not gen_cfg.text_encoder_from_scorer,
-        )  # fmt: skip
+        stats = warm_start_images(gen, ds, gen_cfg, dataclasses.replace(ws, image_steps=steps), cfg.seed)
         seconds = time.perf_counter() - start
         g = cfg.stage2.generation
         made = generate_images(gen.pipe, prompts, steps=g.image_steps, guidance=g.guidance, seed=cfg.seed)

@@ -202,29 +202,31 @@ def attribute_metrics(
 
 
 def oracle_metrics(
-    rewarder: Rewarder, pairs: list[Pair], side: int, seed: int, judge=None
+    rewarder: Rewarder, pairs: list[Pair], side: int, seed: int, judge
 ) -> dict[str, float] | None:
     """The reward metrics of the best a generator could do on this world: for each held-out pair, a catalogue
     item of the target's category that has the user's true preferences (the most matching attributes; the
     text from such an item for the text taste, the image from one for the image taste), scored like a
-    generation. None on datasets without ground truth (attr_* / pref_* columns).
+    generation. None without the attribute judge (datasets without ground truth, attr_* / pref_* columns).
 
     It calibrates the personalization metrics: their gain over heldout.none is bounded by this one's.
     """
     from stage2_generation.attributes import (
         ATTRIBUTE_PREFIX,
         IMAGE_PREFERENCE_PREFIX,
+        TARGET_ATTRIBUTE,
         TEXT_PREFERENCE_PREFIX,
     )
 
     ds = rewarder.ds
     items, users = ds.items, ds.users.set_index("user_idx")
-    category = f"{ATTRIBUTE_PREFIX}category"
-    if category not in items.columns or any(p.item is None for p in pairs):
+    category = f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"
+    if judge is None or category not in items.columns or any(p.item is None for p in pairs):
         return None
+    # The judge reads exactly the users' tastes in each modality (attributes.judged_attributes), category first.
     tastes = {
-        prefix: [c[len(prefix) :] for c in users.columns if c.startswith(prefix)]
-        for prefix in (TEXT_PREFERENCE_PREFIX, IMAGE_PREFERENCE_PREFIX)
+        TEXT_PREFERENCE_PREFIX: [a for a in judge.text_attributes if a != TARGET_ATTRIBUTE],
+        IMAGE_PREFERENCE_PREFIX: [a for a in judge.image_attributes if a != TARGET_ATTRIBUTE],
     }
     if not all(tastes.values()):
         return None
@@ -251,8 +253,7 @@ def oracle_metrics(
         [ds.image_path(i) for i in chosen[IMAGE_PREFERENCE_PREFIX]], side, progress=False
     )
     metrics = summarise([rewarder(pairs, texts, images)])
-    if judge is not None:
-        metrics.update(attribute_metrics(judge, ds, pairs, texts, images))
+    metrics.update(attribute_metrics(judge, ds, pairs, texts, images))
     return metrics
 
 

@@ -464,18 +464,34 @@ def warm_start(
         logger.info("warm-start text: loss %.3f → %.3f in %.0f s", *_loss_line(report["text"]))
     has_images = ds.items["image"].notna().any()
     if has_images and ws_cfg.image_steps > 0:
-        prompts, images = image_warmstart_examples(ds, ws_cfg.image_prompt, image_size(gen.pipe), progress)
-        report["image"] = train_image_warmstart(
-            gen.pipe, prompts, images, ws_cfg.image_steps, ws_cfg.batch_size, ws_cfg.lr_image, seed, progress,
-            uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,
-            ema_decay=ws_cfg.ema_decay, captions=_image_captions(ds), caption_prob=ws_cfg.image_caption_prob,
-            train_text_encoder=gen_cfg.image_pipeline is None and not gen_cfg.text_encoder_from_scorer,
-        )  # fmt: skip
+        report["image"] = warm_start_images(gen, ds, gen_cfg, ws_cfg, seed, progress)
         logger.info("warm-start images: loss %.3f → %.3f in %.0f s", *_loss_line(report["image"]))
     gen.info.update(dataset_hash=dataset_hash, warmstart=report)
     save_generators(gen, folder)  # atomic: staging folder, then one rename
     logger.info("warm-started generators cached in %s", folder)
     return gen
+
+
+def warm_start_images(
+    gen: Generators,
+    ds: ProcessedDataset,
+    gen_cfg: GeneratorConfig,
+    ws_cfg: WarmStartConfig,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """The image part of `warm_start` (no cache): train `gen.pipe` on `ds`'s item images as `ws_cfg` says.
+
+    The text encoder trains only when it was built untrained here; the scorer's copy and a real pipeline's CLIP
+    stay frozen. Returns `train_image_warmstart`'s statistics.
+    """
+    prompts, images = image_warmstart_examples(ds, ws_cfg.image_prompt, image_size(gen.pipe), progress)
+    return train_image_warmstart(
+        gen.pipe, prompts, images, ws_cfg.image_steps, ws_cfg.batch_size, ws_cfg.lr_image, seed, progress,
+        uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,
+        ema_decay=ws_cfg.ema_decay, captions=_image_captions(ds), caption_prob=ws_cfg.image_caption_prob,
+        train_text_encoder=gen_cfg.image_pipeline is None and not gen_cfg.text_encoder_from_scorer,
+    )  # fmt: skip
 
 
 def _loss_line(stats: dict[str, float]) -> tuple[float, float, float]:
