@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dppmg.config import Config, Stage1Config, to_dict, to_yaml
+from dppmg.config import Config, Stage1Config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, finished_with, write_json, write_text
+from dppmg.io import atomic_path, write_json
 from dppmg.log import logger
-from dppmg.seeding import seed_everything
+from dppmg.runs import begin_stage
 from dppmg.tokens import save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import build_tracker
 from stage1_preference.evaluate import full_ranking_metrics, preference_recovery
@@ -236,16 +236,10 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
     from dppmg.data.prepare import prepare
 
     ds = load_dataset(prepare(cfg, progress=progress))
-    out = cfg.run_dir / "stage1"
     fingerprint = stage1_fingerprint(cfg, ds.meta["content_hash"])
-    if finished_with(
-        out / "metrics.json", "fingerprint", fingerprint, cfg.stage1.overwrite, "stage1.overwrite", "run_name"
-    ):
-        logger.info("%s is complete for this config; nothing to do", out)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(cfg))
-    seed_everything(cfg.seed)
+    out = begin_stage(cfg, "stage1", fingerprint, cfg.stage1.overwrite)
+    if out is None:
+        return cfg.run_dir / "stage1"
     trainer = Stage1Trainer(ds, cfg.stage1, cfg.seed)
     ckpt, best = out / "checkpoint.pt", out / "best.pt"
     if ckpt.is_file():

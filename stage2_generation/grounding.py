@@ -22,7 +22,13 @@ from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.generators import image_size
 from stage2_generation.policy import Pair, Policy
-from stage2_generation.warmstart import IGNORE_INDEX, _max_positions, diffusion_loss, text_batch
+from stage2_generation.warmstart import (
+    IGNORE_INDEX,
+    _max_positions,
+    diffusion_loss,
+    guarded_step,
+    text_batch,
+)
 
 
 def training_pairs(ds: ProcessedDataset, users: Sequence[int]) -> list[Pair]:
@@ -79,18 +85,10 @@ def fit(
     for _ in bar:
         picks = torch.randint(num_examples, (min(cfg.batch_size, num_examples),), generator=rng).numpy()
         loss = loss_fn(picks, rng)
-        optimizer.zero_grad(set_to_none=True)
         value = float(loss.detach())
-        if not np.isfinite(value):
+        if not guarded_step(loss, params, optimizer, cfg.max_grad_norm):
             skipped += 1
             continue
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        if not torch.isfinite(norm):
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            continue
-        optimizer.step()
         losses.append(value)
         bar.set_postfix(loss=f"{value:.4f}")
     if skipped:

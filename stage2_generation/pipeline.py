@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dppmg.config import Config, load_config, to_dict, to_yaml
+from dppmg.config import Config, load_config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, finished_with, write_json, write_text
+from dppmg.io import atomic_path, write_json, write_text
 from dppmg.log import logger
+from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
-from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
 from dppmg.tracking import build_tracker, flatten_metrics
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
@@ -264,20 +264,14 @@ def oracle_metrics(
 def run_stage2(cfg: Config, progress: bool = True) -> Path:
     """Run (or resume) stage 2 for `cfg.run_name`; returns the stage-2 folder."""
     tokens_dir = tokens_folder(cfg)
-    out = cfg.run_dir / "stage2"
     from dppmg.data.prepare import prepare
 
     dataset = prepare(cfg, progress=progress)
     content_hash = str(load_dataset(dataset, features=False).meta["content_hash"])
     fingerprint = stage2_fingerprint(cfg, content_hash, tokens_dir)
-    if finished_with(
-        out / "metrics.json", "fingerprint", fingerprint, cfg.stage2.overwrite, "stage2.overwrite", "run_name"
-    ):
-        logger.info("%s is complete for this config; nothing to do", out)
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.yaml", to_yaml(cfg))
-    seed_everything(cfg.seed)
+    out = begin_stage(cfg, "stage2", fingerprint, cfg.stage2.overwrite)
+    if out is None:
+        return cfg.run_dir / "stage2"
     total_start = time.perf_counter()
     c = load_components(cfg, progress, dataset)
     policy, rewarder, ds = c.policy, c.rewarder, c.ds

@@ -46,6 +46,7 @@ from stage2_generation.policy import (
     samples_to_uint8,
 )
 from stage2_generation.rewards import RewardResult, finite_mask, group_advantages
+from stage2_generation.warmstart import guarded_step
 
 
 @dataclass
@@ -98,22 +99,6 @@ def _summary(result: RewardResult) -> tuple[float, dict[str, float]]:
     keep = finite_mask(result)
     comps = {k: float(v[keep].mean()) if keep.any() else float("nan") for k, v in result.components.items()}
     return (float(result.total[keep].mean()) if keep.any() else float("nan")), comps
-
-
-def _apply(
-    loss: Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, max_grad_norm: float
-) -> bool:
-    """Backward and step; False (and nothing applied) when the loss or the gradient is not finite."""
-    optimizer.zero_grad(set_to_none=True)
-    if not all_finite(loss.detach()):
-        return False
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
-    return True
 
 
 def _minibatches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
@@ -259,7 +244,7 @@ def _ppo(
     for _ in range(epochs):
         for idx in _minibatches(n, cfg.minibatch_size, rng):
             loss, info = loss_fn(idx)
-            if not info["finite"] or not _apply(loss, params, optimizer, cfg.max_grad_norm):
+            if not info["finite"] or not guarded_step(loss, params, optimizer, cfg.max_grad_norm):
                 skipped += 1
                 logger.warning("RL: skipped an update with a non-finite loss or gradient")
                 continue

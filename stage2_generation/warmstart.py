@@ -326,6 +326,29 @@ def _optimizer(
     return optimizer, get_cosine_schedule_with_warmup(optimizer, round(warmup * steps), max(steps, 1))
 
 
+def guarded_step(
+    loss: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float,
+) -> bool:
+    """Backward, clip and step: the NaN/inf guard every stage-2 optimizer step goes through.
+
+    A non-finite loss or gradient norm applies nothing (the gradients are cleared) and returns False, so one bad
+    batch cannot poison the weights; the caller counts and logs the skip.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss.detach()).all():
+        return False
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
 def _step(
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
@@ -333,18 +356,14 @@ def _step(
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
 ) -> float:
-    """One optimizer step; a non-finite loss is skipped (and logged) instead of poisoning the weights.
+    """One warm-start step through `guarded_step`; returns the loss (non-finite when the step was skipped).
 
     The schedule advances either way, so a skipped step does not shift the rest of the run.
     """
-    optimizer.zero_grad(set_to_none=True)
     value = float(loss.detach())
-    if np.isfinite(value):
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-    else:
-        logger.warning("warm-start: skipped a step with a non-finite loss (%s)", value)
+    if not guarded_step(loss, params, optimizer, max_grad_norm):
+        logger.warning("warm-start: skipped a step with a non-finite loss or gradient (loss %s)", value)
+        value = float("nan")
     schedule.step()
     return value
 

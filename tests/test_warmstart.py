@@ -314,3 +314,21 @@ def test_unet_adds_a_pooled_prompt_to_its_time_embedding_when_configured() -> No
     ).pipe.unet
     assert on.config.addition_embed_type == "text" and on.add_embedding is not None
     assert off.config.addition_embed_type is None and not hasattr(off, "add_embedding")
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_guarded_step_skips_a_non_finite_step_and_applies_nothing(bad):
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    losses = {
+        "loss": lambda: (weight * float("nan")).sum(),
+        # a finite loss whose gradient is not: d/dw sqrt(w - 1) at w = 1 is inf
+        "gradient": lambda: (weight - 1.0).clamp(min=0).sqrt().sum(),
+    }
+    loss = losses[bad]()
+    assert not warmstart.guarded_step(loss, [weight], optimizer, max_grad_norm=1.0)
+    assert torch.equal(weight.detach(), torch.tensor([1.0, 2.0]))
+    assert weight.grad is None  # cleared, so a later step does not apply it
+
+    assert warmstart.guarded_step((weight**2).sum(), [weight], optimizer, max_grad_norm=100.0)
+    assert torch.allclose(weight.detach(), torch.tensor([0.8, 1.6]))  # w − 0.1 · 2w

@@ -1,0 +1,29 @@
+"""The start every stage of a run shares: skip a finished stage, or open its folder, record the config, seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dppmg.config import Config, to_yaml
+from dppmg.io import finished_with, write_text
+from dppmg.log import logger
+from dppmg.seeding import seed_everything
+
+
+def begin_stage(cfg: Config, stage: str, fingerprint: str, overwrite: bool) -> Path | None:
+    """Open `runs/<run_name>/<stage>/` for a run of `cfg`, or return None when it is already complete.
+
+    Complete means its metrics.json carries `fingerprint` (the same config and inputs). A complete folder from
+    another config is an error unless `overwrite` (the `<stage>.overwrite` key) allows replacing it. Otherwise
+    the folder is created, the resolved config written to its config.yaml, and every RNG seeded from cfg.seed.
+    """
+    out = cfg.run_dir / stage
+    if finished_with(
+        out / "metrics.json", "fingerprint", fingerprint, overwrite, f"{stage}.overwrite", "run_name"
+    ):
+        logger.info("%s is complete for this config; nothing to do", out)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.seed)
+    return out
