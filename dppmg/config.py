@@ -271,6 +271,13 @@ class GroundingConfig:
     batch_size: int = 32
     lr: float = 1e-2
     max_grad_norm: float = 1.0
+    # Share of each user's interactions grounding trains on, the most typical first (grounding.typical_pairs);
+    # 1 uses them all. Held-out personalization_image after grounding at 1 / 0.5 / 0.3 / 0.2: 0.090 / 0.117 / 0.150
+    # / 0.158, and personalization_text at 1 / 0.3 / 0.2: 0.367 / 0.390 / 0.397 (BENCHMARKS.md, "Stage 2").
+    typical_share: float = 0.2
+
+
+ADVANTAGE_KINDS = ("total", "per_component")
 
 
 @dataclass
@@ -293,6 +300,10 @@ class RLConfig:
     adv_clip_max: float = 5.0
     # A round's remaining updates are skipped once the mean approximate KL to the rollout policy exceeds this.
     max_approx_kl: float = 0.1
+    # "total": normalise the weighted total within each group (GRPO, DDPO). "per_component": normalise each reward
+    # within its group first, then weight and sum, so a weight sets a component's share of the advantage whatever
+    # its spread (rl._advantages).
+    advantage: str = "total"
     # At 2e-3 with 1 image epoch RL hardly moved the tokens (approximate KL ~0.003); 1e-2 with the epochs above
     # moves them until the KL stop (BENCHMARKS.md, "Stage 2": RL variants from the same grounded tokens).
     lr_text: float = 1e-2
@@ -550,6 +561,12 @@ def _validate_stage2(s2: Stage2Config) -> None:
     ):  # fmt: skip
         if value <= 0:
             raise DppmgError(f"stage2.{key} must be > 0, got {value}")
+    _choice("stage2.rl.advantage", r.advantage, ADVANTAGE_KINDS)
+    if not 0 < g.typical_share <= 1:
+        raise DppmgError(
+            f"stage2.grounding.typical_share must be in (0, 1] (1 grounds on every interaction), "
+            f"got {g.typical_share}"
+        )
     if not 0 < r.eta <= 1:
         raise DppmgError(
             f"stage2.rl.eta must be in (0, 1] (0 would make the DDIM policy deterministic), got {r.eta}"

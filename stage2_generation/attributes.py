@@ -50,6 +50,7 @@ from dppmg.data.format import ProcessedDataset
 from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path
+from dppmg.log import logger
 from dppmg.scorer import clean_texts
 
 TextFeatures = Literal["bow", "minilm"]
@@ -406,10 +407,15 @@ class AttributeJudge:
 
 
 def fit_judge(ds: ProcessedDataset, **kwargs: Any) -> AttributeJudge | None:
-    """`AttributeJudge.fit`, or None when the dataset has no attr_* ground truth (real datasets)."""
-    if not any(c.startswith(ATTRIBUTE_PREFIX) for c in ds.items.columns):
+    """`AttributeJudge.fit`, or None when the dataset has no ground truth to judge by: no attr_* item columns or
+    no pref_image_* / pref_text_* user columns (real datasets). Logs the judge's held-out accuracy."""
+    if not any(c.startswith(ATTRIBUTE_PREFIX) for c in ds.items.columns) or not any(
+        c.startswith((IMAGE_PREFERENCE_PREFIX, TEXT_PREFERENCE_PREFIX)) for c in ds.users.columns
+    ):
         return None
-    return AttributeJudge.fit(ds, **kwargs)
+    judge = AttributeJudge.fit(ds, **kwargs)
+    logger.info("attribute judge held-out accuracy: %s", {k: round(v, 3) for k, v in judge.accuracy.items()})
+    return judge
 
 
 def judged_attributes(

@@ -38,6 +38,7 @@ from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
 from dppmg.tokens import TokenCheckpoint
 from dppmg.tracking import build_tracker, flatten_metrics
+from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
 from stage2_generation.generators import generate_images, generate_texts, image_size
 from stage2_generation.grounding import ground, training_pairs
@@ -204,12 +205,13 @@ def attribute_metrics(
 def oracle_metrics(
     rewarder: Rewarder, pairs: list[Pair], side: int, seed: int, judge
 ) -> dict[str, float] | None:
-    """The reward metrics of the best a generator could do on this world: for each held-out pair, a catalogue
+    """The reward metrics of perfectly matching real items on this world: for each held-out pair, a catalogue
     item of the target's category that has the user's true preferences (the most matching attributes; the
     text from such an item for the text taste, the image from one for the image taste), scored like a
     generation. None without the attribute judge (datasets without ground truth, attr_* / pref_* columns).
 
-    It calibrates the personalization metrics: their gain over heldout.none is bounded by this one's.
+    It calibrates the personalization metrics. It is not a strict bound: a generation can be more typical of a
+    user's history than any single item (an image with the user's colour and an in-between shape, say).
     """
     from stage2_generation.attributes import (
         ATTRIBUTE_PREFIX,
@@ -279,7 +281,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs = heldout_pairs(ds, held_users)
     pool = training_pairs(ds, train_users)
-    judge = _attribute_judge(ds, cfg.seed)
+    judge = fit_judge(ds, seed=cfg.seed)
     logger.info(
         "stage 2 on %s: %d training users (%d interactions), %d held-out (user, target) pairs",
         ds.root, len(train_users), len(pool), len(pairs),
@@ -303,7 +305,10 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         if state.grounding is None:
             start = time.perf_counter()
-            state.grounding = ground(policy, ds, pool, s2.grounding, cfg.seed, progress)
+            state.grounding = ground(
+                policy, ds, pool, s2.grounding, cfg.seed, progress,
+                item_text_emb=rewarder.item_text, item_image_emb=rewarder.item_image,
+            )  # fmt: skip
             state.seconds["grounding"] = time.perf_counter() - start
             state.evals["grounded"] = evaluate_condition(
                 policy, rewarder, pairs, cfg, personalized=True, judge=judge, progress=progress
@@ -361,17 +366,6 @@ def _rl(
             image=f"{logs.get('image', {}).get('reward', float('nan')):.3f}",
         )
     bar.close()
-
-
-def _attribute_judge(ds: ProcessedDataset, seed: int):
-    """The attribute classifier of the synthetic world (None for datasets without ground-truth attributes)."""
-    if "attr_colour" not in ds.items.columns:
-        return None
-    from stage2_generation.attributes import AttributeJudge
-
-    judge = AttributeJudge.fit(ds, seed=seed)
-    logger.info("attribute judge held-out accuracy: %s", {k: round(v, 3) for k, v in judge.accuracy.items()})
-    return judge
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -498,7 +492,7 @@ def _finish(
         # Every heldout.* entry averages the same pairs; this is how many (and which users).
         "heldout_pairs": n,
         "gains": _targets(heldout),
-        # The ceiling of the personalization metrics on a world with ground truth (oracle_metrics), and the
+        # What perfectly matching real items score on a world with ground truth (oracle_metrics), and the
         # gain over heldout.none it reaches: the yardstick for "gains" (null on real datasets).
         "heldout_oracle": oracle,
         "oracle_personalization_gain_over_none": None

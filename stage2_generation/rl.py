@@ -4,7 +4,8 @@ Both rounds share one shape. Draw P (training user, target) pairs; sample G gene
 modality per pair with the current policy; pair every sample with one generation of the other modality for the
 same pair (so the consistency reward couples the two policies); score with `Rewarder` (the weighted registered
 rewards); normalise the rewards within each pair's group (`group_advantages`: GRPO's group-relative advantage,
-DDPO's per-prompt statistics); then take clipped-ratio PPO steps on minibatches.
+DDPO's per-prompt statistics; `stage2.rl.advantage` says whether the weighted total is normalised, or each
+component before weighting, see `_advantages`); then take clipped-ratio PPO steps on minibatches.
 
 Text (GRPO, Shao et al. 2024, as in trl's GRPOTrainer with beta = 0): the ratio is per completion token,
 exp(log π_new − log π_old), the clipped surrogate is averaged over each completion's tokens and then over
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from dppmg.config import GenerationConfig, RLConfig
+from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.ddpo import all_finite, ppo_clip_loss, recompute_log_prob, sample_with_logprob
 from stage2_generation.evaluate import Rewarder
@@ -87,11 +89,31 @@ def draw_pairs(pool: Sequence[Pair], count: int, seed: int) -> list[Pair]:
     return chosen
 
 
-def _advantages(result: RewardResult, groups: Tensor) -> tuple[Tensor, Tensor]:
-    """(advantages, usable) with non-finite rewards excluded: their advantage is 0 and they train nothing."""
+def _advantages(
+    result: RewardResult, groups: Tensor, kind: str, weights: dict[str, float]
+) -> tuple[Tensor, Tensor]:
+    """(advantages [N], usable [N]): group-normalised rewards; rows with a non-finite reward get 0 and are left out
+    of their group's statistics, so they train nothing.
+
+    kind "total" normalises the weighted total (GRPO, DDPO). "per_component" normalises every component within
+    its group first and returns their weighted sum divided by sqrt(sum of squared weights) (unit spread when the
+    components are independent): a component whose values spread more across a group (consistency, in practice)
+    then no longer outvotes the others at equal weight, and components that disagree push less. The sum is not
+    normalised again, which would blow rounding noise up to unit advantages when they cancel.
+    """
     usable = finite_mask(result)
-    rewards = torch.where(usable, result.total, torch.zeros_like(result.total))
-    adv = group_advantages(rewards, groups)
+    nan = torch.full_like(result.total, float("nan"))
+    if kind == "total":
+        adv = group_advantages(torch.where(usable, result.total, nan), groups)
+    elif kind == "per_component":
+        active = {name: w for name, w in weights.items() if w != 0}
+        parts = [
+            w * group_advantages(torch.where(usable, result.components[n], nan), groups)
+            for n, w in active.items()
+        ]
+        adv = torch.stack(parts).sum(0) / sum(w * w for w in active.values()) ** 0.5
+    else:
+        raise DppmgError(f"RL: advantage must be 'total' or 'per_component', got {kind!r}")
     return torch.where(usable, adv, torch.zeros_like(adv)), usable
 
 
@@ -134,7 +156,7 @@ def text_round(
         seed=seed, batch_size=gen_cfg.batch_size,
     )  # fmt: skip
     result = rewarder(expanded, samples.texts, np.repeat(images, g, axis=0))
-    adv, _ = _advantages(result, groups)
+    adv, _ = _advantages(result, groups, cfg.advantage, rewarder.weights)
     with torch.no_grad():
         old = completion_log_probs(lm, samples, cfg.text_temperature)
     params = policy.parameters("text")
@@ -204,7 +226,7 @@ def image_round(
     )  # fmt: skip
     images = samples_to_uint8(pipe, traj.final)
     result = rewarder(expanded, [t for t in texts for _ in range(g)], images)
-    adv, _ = _advantages(result, groups)
+    adv, _ = _advantages(result, groups, cfg.advantage, rewarder.weights)
 
     def loss_fn(idx: Tensor) -> tuple[Tensor, dict[str, float | bool]]:
         part = traj.select(idx)

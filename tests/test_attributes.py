@@ -166,6 +166,9 @@ def test_dataset_without_ground_truth_raises_or_gives_none(world: ProcessedDatas
     with pytest.raises(DppmgError, match="attr_"):
         AttributeJudge.fit(plain)
     assert fit_judge(plain) is None
+    # attributes without users' tastes: nothing to judge a generation against either
+    no_tastes = ProcessedDataset(world.root, world.items, world.interactions, plain.users, {})
+    assert fit_judge(no_tastes) is None
 
 
 def test_bad_inputs_name_what_is_wrong(world, judge):

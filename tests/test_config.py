@@ -32,6 +32,8 @@ def test_defaults_then_yaml_then_cli(tmp_path):
         (["data.source=movielens"], "data.raw_dir"),
         (["features.scorer.image_size=30"], "patch_size"),
         (["justaword"], "key=value"),
+        (["stage2.grounding.typical_share=0"], "stage2.grounding.typical_share"),
+        (["stage2.grounding.typical_share=1.5"], "stage2.grounding.typical_share"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):

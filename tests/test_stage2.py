@@ -16,10 +16,10 @@ from stage1_preference.train import run_stage1
 from stage2_generation import pipeline as pipeline_mod
 from stage2_generation import rl as rl_mod
 from stage2_generation.evaluate import heldout_pairs, split_users
-from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs
+from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs, typical_pairs
 from stage2_generation.pipeline import CONDITIONS, load_components, run_stage2
 from stage2_generation.policy import Pair, completion_log_probs, sample_texts
-from stage2_generation.rewards import METRIC_NAMES
+from stage2_generation.rewards import METRIC_NAMES, RewardResult
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE1 = [
@@ -153,7 +153,7 @@ def test_grounding_lowers_its_loss_and_trains_only_the_tokens(world, components)
     before_loss = losses()
     before = all_snapshots(policy)
     grounding = cfg.stage2.grounding
-    grounding = type(grounding)(text_steps=25, image_steps=25, batch_size=16, lr=1e-2)
+    grounding = type(grounding)(text_steps=25, image_steps=25, batch_size=16, lr=1e-2, typical_share=1.0)
     report = ground(policy, ds, pairs, grounding, seed=0, progress=False, images=images)
     after_loss = losses()
     assert set(report) == {"text", "image"}
@@ -329,3 +329,67 @@ def test_generate_command_writes_text_and_png(finished, capsys, tmp_path):
     assert [r["target"] for r in rows] == ["lamp", "rug"]
     assert main(["generate", str(cfg.run_dir), "--user", "nobody", "--target", "lamp", "-q"]) == 2
     assert "unknown user 'nobody'" in capsys.readouterr().err
+
+
+# --- typical interactions ---------------------------------------------------------------------------------
+
+
+def test_typical_pairs_keeps_each_users_items_closest_to_the_rest_of_their_history():
+    # items 0-2 point along x, item 3 along y, item 4 along z
+    emb = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [1.0, 0.2, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    pairs = [Pair(0, "k", i) for i in (3, 0, 1, 2)] + [Pair(1, "k", 4), Pair(2, "k", 4), Pair(2, "k", 3)]
+    kept = typical_pairs(pairs, emb, 0.5)
+    # user 0: item 3 is the outlier; half of four keeps items 2 and 1, whose leave-one-out cosines (0.95, 0.91)
+    # beat item 0's (0.83), in the pairs' order; user 1 keeps its only one; user 2 one of two (a tie)
+    assert [(p.user, p.item) for p in kept if p.user == 0] == [(0, 1), (0, 2)]
+    assert [(p.user, p.item) for p in kept if p.user == 1] == [(1, 4)]
+    assert len([p for p in kept if p.user == 2]) == 1
+    assert typical_pairs(pairs, emb, 1.0) == pairs
+    with pytest.raises(DppmgError, match="typical_share"):
+        typical_pairs(pairs, emb, 0.0)
+
+
+def test_grounding_with_a_typical_share_names_the_missing_embeddings(world, components):
+    _, cfg = world
+    c = copy.deepcopy(components)
+    train, _ = split_users(c.ds, 4, cfg.seed)
+    pairs = training_pairs(c.ds, train)[:16]
+    grounding = type(cfg.stage2.grounding)(text_steps=1, image_steps=0, typical_share=0.5)
+    with pytest.raises(DppmgError, match="item_text_emb"):
+        ground(c.policy, c.ds, pairs, grounding, seed=0, progress=False)
+    report = ground(
+        c.policy, c.ds, pairs, grounding, seed=0, progress=False, item_text_emb=c.rewarder.item_text
+    )
+    assert report["text"]["interactions"] < len(pairs)
+
+
+# --- advantages -------------------------------------------------------------------------------------------
+
+
+def test_per_component_advantages_stop_a_wide_component_outvoting_the_others():
+    # one group of four: "wide" spreads 100x more than "narrow" and ranks the rows the other way round
+    narrow = torch.tensor([0.0, 0.01, 0.02, 0.03])
+    wide = torch.tensor([0.2, 0.0, -0.2, -0.4])
+    result = RewardResult(total=narrow + wide, components={"narrow": narrow, "wide": wide})
+    groups = torch.zeros(4, dtype=torch.long)
+    weights = {"narrow": 1.0, "wide": 1.0}
+    total, _ = rl_mod._advantages(result, groups, "total", weights)
+    assert torch.all(total.diff() < 0)  # the total follows "wide" alone
+    tilted, _ = rl_mod._advantages(result, groups, "per_component", {"narrow": 2.0, "wide": 1.0})
+    assert torch.all(tilted.diff() > 0)  # per component, the larger weight decides whatever the spread
+    even, _ = rl_mod._advantages(result, groups, "per_component", weights)
+    # equal weights and opposite rankings cancel, up to group_advantages' eps against narrow's small std
+    torch.testing.assert_close(even, torch.zeros(4), atol=1e-3, rtol=0)
+    with pytest.raises(DppmgError, match="advantage"):
+        rl_mod._advantages(result, groups, "median", weights)
+
+
+def test_a_non_finite_reward_is_left_out_of_its_groups_statistics():
+    value = torch.tensor([1.0, 2.0, float("nan"), 3.0])
+    result = RewardResult(total=value, components={"r": value})
+    for kind in ("total", "per_component"):
+        adv, usable = rl_mod._advantages(result, torch.zeros(4, dtype=torch.long), kind, {"r": 1.0})
+        assert usable.tolist() == [True, True, False, True]
+        assert adv[2] == 0
+        # the three finite rows normalised among themselves (population std), as if the NaN row were absent
+        torch.testing.assert_close(adv[[0, 1, 3]], torch.tensor([-1.2247, 0.0, 1.2247]), atol=1e-3, rtol=0)
