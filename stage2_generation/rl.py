@@ -19,9 +19,8 @@ policy with a known log-probability (`ddpo.py`); the ratio is per denoising step
 image tokens through the text encoder's prompt states.
 
 Guards against collapse: the ratio is clipped (`clip_range`), advantages are clipped (`adv_clip_max`), a
-round stops its updates once the approximate KL to the rollout policy exceeds `max_approx_kl` (the update that
-measured it is not applied), and a step whose loss or gradient is not finite is skipped and counted (`skipped` in
-the round's log) instead of applied.
+round stops its updates once the approximate KL to the rollout policy exceeds `max_approx_kl`, and a step whose
+loss or gradient is not finite is skipped and counted (`skipped` in the round's log) instead of applied.
 """
 
 from __future__ import annotations
@@ -267,12 +266,6 @@ def _ppo(
     for _ in range(epochs):
         for idx in _minibatches(n, cfg.minibatch_size, rng):
             loss, info = loss_fn(idx)
-            # The KL of this minibatch under the current parameters: past the limit, the policy has already
-            # moved far enough from the rollouts, and this update is not applied (target_kl in Stable-Baselines3).
-            if info["finite"] and info["approx_kl"] > cfg.max_approx_kl:
-                kls.append(float(info["approx_kl"]))
-                stopped = True
-                break
             if not info["finite"] or not guarded_step(loss, params, optimizer, cfg.max_grad_norm):
                 skipped += 1
                 logger.warning("RL: skipped an update with a non-finite loss or gradient")
@@ -280,6 +273,9 @@ def _ppo(
             updates += 1
             kls.append(float(info["approx_kl"]))
             clips.append(float(info["clipfrac"]))
+            if info["approx_kl"] > cfg.max_approx_kl:
+                stopped = True
+                break
         if stopped:
             break
     return {

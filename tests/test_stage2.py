@@ -395,18 +395,16 @@ def test_a_non_finite_reward_is_left_out_of_its_groups_statistics():
         torch.testing.assert_close(adv[[0, 1, 3]], torch.tensor([-1.2247, 0.0, 1.2247]), atol=1e-3, rtol=0)
 
 
-def test_the_kl_stop_applies_no_update_past_the_limit(world):
+def test_a_round_stops_after_the_update_that_passes_the_kl_limit(world):
     _, cfg = world
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    kl = iter(
-        [0.0, 0.05, 0.5, 0.0, 0.0, 0.0]
-    )  # the third minibatch finds the policy past max_approx_kl (0.1)
+    kl = iter([0.0, 0.05, 0.5, 0.0, 0.0, 0.0])  # the third minibatch finds the policy past max_approx_kl (0.1)
 
     def loss_fn(idx):
         return -weight.sum(), {"finite": True, "approx_kl": next(kl), "clipfrac": 0.0}
 
     rl = cfg.stage2.rl
     stats = rl_mod._ppo(2, 4 * rl.minibatch_size, rl, 0, loss_fn, [weight], optimizer)
-    assert stats["updates"] == 2 and stats["stopped_early"]
-    assert float(weight) == pytest.approx(2.0, abs=1e-4)  # two unit steps (clipped at norm 1), not the third
+    assert stats["updates"] == 3 and stats["stopped_early"]
+    assert float(weight) == pytest.approx(3.0, abs=1e-4)  # three unit steps (clipped at norm 1), then none
