@@ -399,7 +399,9 @@ def test_a_round_stops_after_the_update_that_passes_the_kl_limit(world):
     _, cfg = world
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    kl = iter([0.0, 0.05, 0.5, 0.0, 0.0, 0.0])  # the third minibatch finds the policy past max_approx_kl (0.1)
+    kl = iter(
+        [0.0, 0.05, 0.5, 0.0, 0.0, 0.0]
+    )  # the third minibatch finds the policy past max_approx_kl (0.1)
 
     def loss_fn(idx):
         return -weight.sum(), {"finite": True, "approx_kl": next(kl), "clipfrac": 0.0}
