@@ -38,7 +38,15 @@ from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
 from dppmg.tokens import TokenCheckpoint
 from dppmg.tracking import build_tracker, flatten_metrics
-from stage2_generation.attributes import fit_judge
+from stage2_generation.attributes import (
+    ATTRIBUTE_PREFIX,
+    IMAGE_PREFERENCE_PREFIX,
+    TARGET_ATTRIBUTE,
+    TEXT_PREFERENCE_PREFIX,
+    fit_judge,
+    preference_hit_rates,
+    target_hit_rate,
+)
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
 from stage2_generation.generators import generate_images, generate_texts, image_size
 from stage2_generation.grounding import ground, training_pairs
@@ -193,11 +201,9 @@ def attribute_metrics(
     judge, ds: ProcessedDataset, pairs: list[Pair], texts: list[str], images: np.ndarray
 ) -> dict[str, float]:
     """The independent check of DESIGN.md on the synthetic world: attribute hit rates by a catalog classifier."""
-    from stage2_generation.attributes import preference_hit_rates, target_hit_rate
-
     users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]].reset_index()
     out = preference_hit_rates(judge, users, images=images, texts=texts)
-    categories = [str(ds.items["attr_category"].iat[p.item]) for p in pairs]
+    categories = [str(ds.items[f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"].iat[p.item]) for p in pairs]
     out.update(target_hit_rate(judge, categories, images=images, texts=texts))
     return out
 
@@ -213,13 +219,6 @@ def oracle_metrics(
     It calibrates the personalization metrics. It is not a strict bound: a generation can be more typical of a
     user's history than any single item (an image with the user's colour and an in-between shape, say).
     """
-    from stage2_generation.attributes import (
-        ATTRIBUTE_PREFIX,
-        IMAGE_PREFERENCE_PREFIX,
-        TARGET_ATTRIBUTE,
-        TEXT_PREFERENCE_PREFIX,
-    )
-
     ds = rewarder.ds
     items, users = ds.items, ds.users.set_index("user_idx")
     category = f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"

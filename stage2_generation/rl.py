@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dppmg.config import GenerationConfig, RLConfig
+from dppmg.config import ADVANTAGE_KINDS, GenerationConfig, RLConfig
 from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.ddpo import all_finite, ppo_clip_loss, recompute_log_prob, sample_with_logprob
@@ -113,7 +113,7 @@ def _advantages(
         ]
         adv = torch.stack(parts).sum(0) / sum(w * w for w in active.values()) ** 0.5
     else:
-        raise DppmgError(f"RL: advantage must be 'total' or 'per_component', got {kind!r}")
+        raise DppmgError(f"RL: advantage must be one of {', '.join(ADVANTAGE_KINDS)}, got {kind!r}")
     return torch.where(usable, adv, torch.zeros_like(adv)), usable
 
 
