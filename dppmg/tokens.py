@@ -13,6 +13,7 @@ so that a checkpoint can be shipped on its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -269,6 +270,23 @@ class TokenCheckpoint:
     @property
     def content_hash(self) -> str:
         return str(self.manifest["dataset"].get("content_hash"))
+
+    def digest(self) -> str:
+        """sha256 of what the tokens are (user ids, and every tensor's name, dtype, shape and values).
+
+        Not of the files: safetensors writes its header in hash-map order, so equal tokens can be unequal bytes.
+        """
+        h = hashlib.sha256(json.dumps(self.user_ids).encode())
+        for kind, tensors in (
+            ("codebook", self.codebooks),
+            ("codes", self.codes),
+            ("vectors", self.user_vectors),
+        ):
+            for m in sorted(tensors):
+                t = tensors[m].detach().cpu().contiguous()
+                h.update(f"{kind}.{m}:{t.dtype}:{list(t.shape)}".encode())
+                h.update(t.numpy().tobytes())
+        return h.hexdigest()
 
     def _entry(self, modality: str) -> dict[str, Any]:
         try:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import logging as diffusers_logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import (
@@ -367,10 +368,16 @@ def load_image_pipeline(
     # A component saved as absent (the tiny pipeline's VAE) must be passed as None, or diffusers reports it missing.
     absent = {name: None for name in _absent_components(source)}
     absent.update(safety_checker=None, requires_safety_checker=False)
+    # diffusers draws a "Loading pipeline components" bar even under -q; loading takes well under a second here.
+    shown = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(source, **absent)
     except (OSError, ValueError) as e:
         raise DppmgError(f"cannot load the image generator {source!r}: {_first_line(e)}") from None
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
     return _prepare_pipeline(pipe).to(resolve_device(device))
 
 

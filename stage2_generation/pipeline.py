@@ -97,7 +97,7 @@ def stage2_fingerprint(cfg: Config, content_hash: str, tokens_dir: Path) -> str:
     s2 = to_dict(cfg.stage2)
     s2.pop("overwrite", None)
     s2["generators"].pop("device", None)
-    digest = hashlib.sha256((tokens_dir / "tokens.safetensors").read_bytes()).hexdigest()
+    digest = TokenCheckpoint.load(tokens_dir).digest()
     blob = json.dumps(
         {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
     )

@@ -109,6 +109,17 @@ def test_save_replaces_old_checkpoint_and_leaves_no_staging(tmp_path):
     assert sorted(p.name for p in (tmp_path / "tokens").iterdir()) == [MANIFEST_FILE, TENSORS_FILE]
 
 
+def test_digest_follows_the_tokens_not_the_file_bytes(tmp_path):
+    _save(tmp_path / "a", seed=0)
+    _save(tmp_path / "b", seed=0)
+    _save(tmp_path / "c", seed=1)
+    a, b, c = (TokenCheckpoint.load(tmp_path / x) for x in "abc")
+    assert a.digest() == b.digest()  # same tensors, written twice (the manifests' creation times may differ)
+    assert a.digest() != c.digest()
+    b.codes["image"][0, 0] = (b.codes["image"][0, 0] + 1) % SIZES["image"][1]
+    assert a.digest() != b.digest()  # one code of one user is enough
+
+
 def test_save_rejects_inconsistent_inputs(tmp_path):
     books, codes, vecs = _tensors()
     bad = {**codes, "text": codes["text"] + 8}  # codes must be < K = 8
