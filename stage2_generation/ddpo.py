@@ -219,13 +219,14 @@ def guided_model_output(
     """[B, C, H, W] the UNet's output at x_t, with classifier-free guidance as StableDiffusionPipeline does it.
 
     With negative_embeds the batch runs once as [unconditional; conditional] and the output is
-    uncond + guidance * (cond - uncond); without, the conditional output alone (guidance must then be 1).
+    uncond + guidance * (cond - uncond); without, the conditional output alone (guidance must then be 1). At
+    guidance 1 that sum is the conditional output, so the unconditional half is skipped (as the pipeline does).
     """
-    if negative_embeds is None:
-        if guidance != 1.0:
-            raise DppmgError(
-                f"classifier-free guidance {guidance} needs negative (unconditional) prompt embeddings"
-            )
+    if negative_embeds is None and guidance != 1.0:
+        raise DppmgError(
+            f"classifier-free guidance {guidance} needs negative (unconditional) prompt embeddings"
+        )
+    if negative_embeds is None or guidance == 1.0:
         model_input = scheduler.scale_model_input(sample, timestep)
         return unet(model_input, timestep, encoder_hidden_states=prompt_embeds).sample
     model_input = scheduler.scale_model_input(torch.cat([sample, sample]), timestep)

@@ -419,7 +419,7 @@ def _relative(new: float, old: float) -> float:
     return (d_new - d_old) / d_old if d_old > 0 else float("nan")
 
 
-def _targets(heldout: dict[str, dict[str, float]]) -> dict[str, Any]:
+def issue_targets(heldout: dict[str, dict[str, float]]) -> dict[str, Any]:
     """The issue's targets, measured: each with its value, its threshold and whether it was met."""
     none, grounded, rl = heldout["none"], heldout["grounded"], heldout["rl"]
     pers_none = (none["personalization_text"] + none["personalization_image"]) / 2
@@ -490,7 +490,7 @@ def _finish(
         "heldout": heldout,
         # Every heldout.* entry averages the same pairs; this is how many (and which users).
         "heldout_pairs": n,
-        "gains": _targets(heldout),
+        "gains": issue_targets(heldout),
         # What perfectly matching real items score on a world with ground truth (oracle_metrics), and the
         # gain over heldout.none it reaches: the yardstick for "gains" (null on real datasets).
         "heldout_oracle": oracle,

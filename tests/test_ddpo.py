@@ -203,6 +203,19 @@ def test_recomputed_log_probs_reproduce_the_rollout(unet: UNet2DConditionModel):
     assert torch.allclose(sub, traj.log_probs[[2, 0], 3], atol=1e-4)
 
 
+def test_guidance_one_is_the_conditional_output_alone(unet: UNet2DConditionModel):
+    prompt, negative = embeddings(0)
+    scheduler = make_scheduler()
+    scheduler.set_timesteps(STEPS)
+    x = torch.randn(BATCH, *SHAPE, generator=torch.Generator().manual_seed(4))
+    t = scheduler.timesteps[2]
+    skipped = guided_model_output(unet, scheduler, x, t, prompt, negative, 1.0)
+    conditional = guided_model_output(unet, scheduler, x, t, prompt, None, 1.0)
+    assert torch.equal(skipped, conditional)
+    guided = guided_model_output(unet, scheduler, x, t, prompt, negative, 1.0 + 1e-3)  # the full formula
+    assert torch.allclose(guided, conditional, atol=1e-3) and not torch.equal(guided, conditional)
+
+
 def test_guidance_without_negative_embeddings_is_refused(unet: UNet2DConditionModel):
     prompt, _ = embeddings(0)
     with pytest.raises(DppmgError, match="negative"):
