@@ -1,6 +1,6 @@
 """Stage-2 variants from one grounded state: RL and generation settings compared on the held-out pairs.
 
-    .venv/bin/python benchmarks/stage2_variants.py NAME [--config configs/default.yaml] [--seeds 0 1 2] [key=value ...]
+    .venv/bin/python benchmarks/stage2_variants.py NAME [--config configs/default.yaml] [--seeds 0,1,2] [key=value ...]
 
 Needs stage 1's tokens for the run (`dppmg stage1 ... run_name=...`). Grounds once per grounding config (the grounded
 token parameters are cached in `<run>/variants/`), evaluates `none` and `grounded` once per generation config and
@@ -28,15 +28,23 @@ from dppmg.config import load_config, to_dict
 from dppmg.io import atomic_path
 from dppmg.seeding import seed_everything
 from stage2_generation.evaluate import heldout_pairs, split_users
-from stage2_generation.generators import generate_images, generate_texts
 from stage2_generation.grounding import ground, training_pairs
-from stage2_generation.pipeline import issue_targets, load_components
+from stage2_generation.pipeline import generate_pairs, issue_targets, load_components
 from stage2_generation.rewards import summarise
-from stage2_generation.rl import draw_pairs, image_round, round_seed, text_round
+from stage2_generation.rl import make_optimizers, rl_iteration
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
 
 
 def main() -> None:
@@ -48,30 +56,24 @@ def main() -> None:
     ap.add_argument("name", help="a label for this variant in results.jsonl")
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="generation seeds to average over"
+        "--seeds",
+        type=_seeds,
+        default=[0, 1, 2],
+        help="generation seeds to average over, comma-separated (0,1,2)",
     )
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    ns = ap.parse_args()
+    ns = ap.parse_intermixed_args()  # options may come before, between or after the overrides
     cfg = load_config(ns.config, ns.overrides)
     seed_everything(cfg.seed)
     c = load_components(cfg, progress=False)
     policy, rewarder, ds, s2 = c.policy, c.rewarder, c.ds, cfg.stage2
     train, held = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs, pool = heldout_pairs(ds, held), training_pairs(ds, train)
-    g = s2.generation
 
     def evaluate(personalized: bool) -> dict[str, float]:
         results = []
         for seed in ns.seeds:
-            texts = generate_texts(
-                policy.gen.lm, policy.gen.lm_tokenizer, policy.text_prompts(pairs, personalized),
-                max_new_tokens=g.max_new_tokens, temperature=g.temperature, seed=seed, batch_size=g.batch_size,
-                progress=False,
-            )  # fmt: skip
-            images = generate_images(
-                policy.gen.pipe, policy.image_prompts(pairs, personalized), steps=g.image_steps,
-                guidance=g.guidance, seed=seed, batch_size=g.batch_size, progress=False,
-            )  # fmt: skip
+            texts, images, *_ = generate_pairs(policy, pairs, cfg, personalized, progress=False, seed=seed)
             results.append(rewarder(pairs, texts, images))
         return summarise(results)
 
@@ -89,7 +91,10 @@ def main() -> None:
         )  # fmt: skip
         with atomic_path(grounded_file) as tmp:
             torch.save({inj.modality: inj.module.state_dict() for inj in policy.injected}, tmp)
-    evals_file = folder / f"evals-{_key(grounded_file.name, to_dict(g), dict(s2.rl.weights), ns.seeds)}.json"
+    evals_file = (
+        folder
+        / f"evals-{_key(grounded_file.name, to_dict(s2.generation), dict(s2.rl.weights), ns.seeds)}.json"
+    )
     if evals_file.is_file():
         before = json.loads(evals_file.read_text())
     else:
@@ -98,19 +103,12 @@ def main() -> None:
             tmp.write_text(json.dumps(before))
 
     rl = s2.rl
-    optimizers = {
-        m: torch.optim.AdamW(policy.parameters(m), lr=lr, weight_decay=0.0)
-        for m, lr in (("text", rl.lr_text), ("image", rl.lr_image))
-        if policy.parameters(m)
-    }
-    rounds = {"text": text_round, "image": image_round}
+    optimizers = make_optimizers(policy, rl)
     start = time.perf_counter()
     for it in range(rl.iterations):
-        for m, optimizer in optimizers.items():
-            seed = round_seed(cfg.seed, it, m)
-            log = rounds[m](
-                policy, rewarder, draw_pairs(pool, rl.pairs_per_round, seed), rl, g, optimizer, seed
-            )
+        for m, log in rl_iteration(
+            policy, rewarder, pool, rl, s2.generation, optimizers, cfg.seed, it
+        ).items():
             print(
                 f"iteration {it + 1} {m}: reward {log.reward:.3f}, {log.updates} updates, KL {log.approx_kl:.3f}"
             )

@@ -53,7 +53,7 @@ from stage2_generation.grounding import ground, training_pairs
 from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
 from stage2_generation.policy import Pair, Policy
 from stage2_generation.rewards import METRIC_NAMES, TOTAL_KEY, summarise
-from stage2_generation.rl import draw_pairs, image_round, round_seed, text_round
+from stage2_generation.rl import make_optimizers, rl_iteration
 from stage2_generation.warmstart import warm_start
 
 CONDITIONS = ("none", "grounded", "rl")  # heldout.<condition> in metrics.json
@@ -93,11 +93,11 @@ class Stage2State:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def stage2_fingerprint(cfg: Config, content_hash: str, tokens_dir: Path) -> str:
+def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) -> str:
     s2 = to_dict(cfg.stage2)
     s2.pop("overwrite", None)
     s2["generators"].pop("device", None)
-    digest = TokenCheckpoint.load(tokens_dir).digest()
+    digest = ckpt.digest()
     blob = json.dumps(
         {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
     )
@@ -125,16 +125,19 @@ class Components:
     warmstart_seconds: float
 
 
-def load_components(cfg: Config, progress: bool = True, dataset: Path | None = None) -> Components:
+def load_components(
+    cfg: Config, progress: bool = True, dataset: Path | None = None, ckpt: TokenCheckpoint | None = None
+) -> Components:
     """Dataset, token checkpoint, warm-started generators with the tokens injected, scorer and reward.
 
-    `dataset` is the processed dataset's folder when the caller has just prepared it (not prepared again).
+    `dataset` is the processed dataset's folder when the caller has just prepared it (not prepared again), and
+    `ckpt` the run's token checkpoint when the caller has already loaded it.
     """
     from dppmg.data.prepare import prepare
     from stage1_preference.encoders import TextEncoder
 
     ds = load_dataset(dataset if dataset is not None else prepare(cfg, progress=progress))
-    ckpt = TokenCheckpoint.load(tokens_folder(cfg))
+    ckpt = ckpt if ckpt is not None else TokenCheckpoint.load(tokens_folder(cfg))
     content_hash = str(ds.meta["content_hash"])
     ckpt.check_compatible(content_hash)
     s2 = cfg.stage2
@@ -156,21 +159,27 @@ def load_components(cfg: Config, progress: bool = True, dataset: Path | None = N
 
 
 def generate_pairs(
-    policy: Policy, pairs: list[Pair], cfg: Config, personalized: bool, progress: bool = True
+    policy: Policy,
+    pairs: list[Pair],
+    cfg: Config,
+    personalized: bool,
+    progress: bool = True,
+    seed: int | None = None,
 ) -> tuple[list[str], np.ndarray, float, float, int]:
-    """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by the config."""
+    """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by `seed` (cfg.seed)."""
     g = cfg.stage2.generation
     gen = policy.gen
+    seed = cfg.seed if seed is None else seed
     start = time.perf_counter()
     texts = generate_texts(
         gen.lm, gen.lm_tokenizer, policy.text_prompts(pairs, personalized), max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature, seed=cfg.seed, batch_size=g.batch_size, progress=progress,
+        temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=progress,
     )  # fmt: skip
     text_seconds = time.perf_counter() - start
     start = time.perf_counter()
     images = generate_images(
         gen.pipe, policy.image_prompts(pairs, personalized), steps=g.image_steps, guidance=g.guidance,
-        seed=cfg.seed, batch_size=g.batch_size, progress=progress,
+        seed=seed, batch_size=g.batch_size, progress=progress,
     )  # fmt: skip
     image_seconds = time.perf_counter() - start
     # Generated tokens, counted by re-tokenizing (the EOS that ended a text counts as one).
@@ -269,12 +278,13 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
 
     dataset = prepare(cfg, progress=progress)
     content_hash = str(load_dataset(dataset, features=False).meta["content_hash"])
-    fingerprint = stage2_fingerprint(cfg, content_hash, tokens_dir)
+    ckpt = TokenCheckpoint.load(tokens_dir)
+    fingerprint = stage2_fingerprint(cfg, content_hash, ckpt)
     out = begin_stage(cfg, "stage2", fingerprint, cfg.stage2.overwrite)
     if out is None:
         return cfg.run_dir / "stage2"
     total_start = time.perf_counter()
-    c = load_components(cfg, progress, dataset)
+    c = load_components(cfg, progress, dataset, ckpt)
     policy, rewarder, ds = c.policy, c.rewarder, c.ds
     s2 = cfg.stage2
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
@@ -287,11 +297,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     )  # fmt: skip
 
     state = _load_state(out / CHECKPOINT_FILE, fingerprint, policy)
-    optimizers = {
-        m: torch.optim.AdamW(policy.parameters(m), lr=lr, weight_decay=0.0)
-        for m, lr in (("text", s2.rl.lr_text), ("image", s2.rl.lr_image))
-        if policy.parameters(m)
-    }
+    optimizers = make_optimizers(policy, s2.rl)
     for m, sd in state.optimizers.items():
         optimizers[m].load_state_dict(sd)
     tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="stage2")
@@ -341,17 +347,8 @@ def _rl(
     while state.iteration < rl.iterations:
         it = state.iteration
         start = time.perf_counter()
-        logs: dict[str, Any] = {"iteration": it + 1}
-        if "text" in optimizers:
-            s = round_seed(cfg.seed, it, "text")
-            logs["text"] = text_round(
-                policy, rewarder, draw_pairs(pool, rl.pairs_per_round, s), rl, gen_cfg, optimizers["text"], s
-            ).as_dict()
-        if "image" in optimizers:
-            s = round_seed(cfg.seed, it, "image")
-            logs["image"] = image_round(
-                policy, rewarder, draw_pairs(pool, rl.pairs_per_round, s), rl, gen_cfg, optimizers["image"], s
-            ).as_dict()
+        rounds = rl_iteration(policy, rewarder, pool, rl, gen_cfg, optimizers, cfg.seed, it)
+        logs: dict[str, Any] = {"iteration": it + 1, **{m: log.as_dict() for m, log in rounds.items()}}
         logs["seconds"] = time.perf_counter() - start
         state.history.append(logs)
         state.iteration += 1

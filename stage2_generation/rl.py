@@ -252,6 +252,47 @@ def image_round(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# One iteration
+
+
+def make_optimizers(policy: Policy, cfg: RLConfig) -> dict[str, torch.optim.Optimizer]:
+    """One AdamW per modality that has trainable token parameters (no weight decay: it would shrink the rows)."""
+    return {
+        m: torch.optim.AdamW(policy.parameters(m), lr=lr, weight_decay=0.0)
+        for m, lr in (("text", cfg.lr_text), ("image", cfg.lr_image))
+        if policy.parameters(m)
+    }
+
+
+def rl_iteration(
+    policy: Policy,
+    rewarder: Rewarder,
+    pool: Sequence[Pair],
+    cfg: RLConfig,
+    gen_cfg: GenerationConfig,
+    optimizers: dict[str, torch.optim.Optimizer],
+    seed: int,
+    iteration: int,
+) -> dict[str, RoundLog]:
+    """A text round, then an image round (for the modalities in `optimizers`), each on freshly drawn pairs."""
+    rounds = {"text": text_round, "image": image_round}
+    logs = {}
+    for modality in ("text", "image"):
+        if modality in optimizers:
+            s = round_seed(seed, iteration, modality)
+            logs[modality] = rounds[modality](
+                policy,
+                rewarder,
+                draw_pairs(pool, cfg.pairs_per_round, s),
+                cfg,
+                gen_cfg,
+                optimizers[modality],
+                s,
+            )
+    return logs
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The shared PPO loop
 
 

@@ -280,13 +280,13 @@ def test_an_interrupted_run_resumes_where_it_stopped(world, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(pipeline_mod, "image_round", flaky)
+    monkeypatch.setattr(rl_mod, "image_round", flaky)
     with pytest.raises(KeyboardInterrupt):
         run_stage2(cfg, progress=False)
     out = cfg.run_dir / "stage2"
     assert (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
     monkeypatch.setattr(pipeline_mod, "ground", lambda *a, **k: pytest.fail("grounding ran again"))
-    monkeypatch.setattr(pipeline_mod, "image_round", real)
+    monkeypatch.setattr(rl_mod, "image_round", real)
     run_stage2(cfg, progress=False)
     m = read_json(out / "metrics.json")
     assert [h["iteration"] for h in m["rl_history"]] == [1, 2]
