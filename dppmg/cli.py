@@ -59,6 +59,20 @@ def cmd_stage2(cfg: Config, ns: argparse.Namespace) -> None:
     run_stage2(cfg, progress=not ns.quiet)
 
 
+def cmd_models_prepare(cfg: Config, ns: argparse.Namespace) -> None:
+    from dppmg.models import prepare_models
+
+    # The packaged models, and the config's text model when it names another GGUF file.
+    names = None
+    text_model = cfg.stage2.generators.text_model
+    if text_model is not None and str(text_model).lower().endswith(".gguf"):
+        from dppmg.models import PACKAGED
+
+        names = [m.name for m in PACKAGED.values()] + [text_model]
+    for row in prepare_models(cfg.features.cache_dir, names):
+        print(f"{row['name']:<24} {row['kind']:<14} {row['ready']}")
+
+
 def cmd_config_show(cfg: Config, ns: argparse.Namespace) -> None:
     print(to_yaml(cfg), end="")
 
@@ -75,6 +89,10 @@ COMMANDS: dict[tuple[str, str | None], tuple[Callable[[Config, argparse.Namespac
     ("data", "prepare"): (cmd_data_prepare, "build the processed dataset, item features and the scorer"),
     ("data", "stats"): (cmd_data_stats, "print dataset statistics; write stats.json and a sample grid PNG"),
     ("config", "show"): (cmd_config_show, "print the resolved config (defaults + file + overrides)"),
+    ("models", "prepare"): (
+        cmd_models_prepare,
+        "make the offline pretrained models ready (SmolLM2 dequantized once into the cache, EfficientNet checked)",
+    ),
 }
 
 

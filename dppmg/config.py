@@ -16,6 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dppmg.errors import DppmgError
 
+IMAGE_ENCODERS = ("scorer", "efficientnet-lite0")  # features.image_encoder (dppmg/image_encoder.py)
+
 
 @dataclass
 class SyntheticConfig:
@@ -104,8 +106,12 @@ class FeaturesConfig:
     )
     text_batch_size: int = 128
     text_max_length: int = 128
+    # Stage 1's image item features: "scorer" (the scorer's image tower, trained on the dataset) or a pretrained
+    # encoder that ships offline, "efficientnet-lite0" (ImageNet; `make models`). The scorer is built either way.
+    image_encoder: str = "scorer"
     device: str = "cpu"  # cpu | cuda | auto
-    cache_dir: str = "data/cache"  # text features cached by (encoder, texts) so reruns are cheap
+    # Text features cached by (encoder, texts) so reruns are cheap; dequantized GGUF models under models/.
+    cache_dir: str = "data/cache"
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
 
@@ -177,14 +183,18 @@ class GeneratorConfig:
     encoder with a word-level tokenizer, a UNet conditioned on it by cross-attention, and a DDIM scheduler.
     """
 
-    text_model: str | None = None  # causal LM (hub id or local folder); None builds the tiny GPT-2 below
+    # Causal LM: a packaged offline model (SmolLM2-135M-Instruct, `make models`), a GGUF file, a local folder or a
+    # hub id (dppmg/models.py); None builds the tiny GPT-2 below.
+    text_model: str | None = None
+    dtype: str = "float32"  # of a pretrained text model: float32 | bfloat16 | float16 (GPUs)
     text_vocab: int = 4000  # tiny LM's BPE vocabulary with its special tokens (preference tokens come on top)
     text_max_length: int = 64  # tiny LM's positions: prompt + generated tokens must fit
     text_dim: int = 64
     text_layers: int = 2
     text_heads: int = 2
     image_pipeline: str | None = None  # Stable-Diffusion pipeline (hub id or folder); None = the tiny one
-    image_size: int = 32  # tiny pipeline's side in pixels; each UNet level halves it
+    image_size: int = 32  # tiny pipeline's width in pixels (and its height unless image_height is set)
+    image_height: int | None = None  # tiny pipeline's height; None = square. Posters are 2:3: 32 wide, 48 high
     # One UNet level per entry, each halving the side. Cross-attention (with self-attention) sits at the
     # lowest-resolution `unet_attention_levels` levels and in the middle block, never at full resolution:
     # attention at 32 px triples the cost (REFERENCE.md).
@@ -236,12 +246,18 @@ class WarmStartConfig:
     batch_size: int = 16
     lr_text: float = 3e-3
     lr_image: float = 1e-3
-    text_prompt: str = "{keywords}:"  # the LM prompt; the item text is the continuation
+    # The LM prompt; the item text is the continuation. The user's preference tokens go where {tokens} is, or
+    # first when the template has no {tokens}.
+    text_prompt: str = "{keywords}:"
+    # Instruction LLMs: the prompt becomes the user message of the tokenizer's chat template (after text_system as
+    # the system message, when set), and the text is the assistant's answer.
+    text_chat: bool = False
+    text_system: str = ""
     # Extra copies of each item whose prompt starts with 1..text_hint_words words of its own text, so the LM learns
     # to follow what precedes the keywords (where the preference tokens go); 0 trains on the keywords alone.
     text_hint_copies: int = 2
     text_hint_words: int = 3
-    image_prompt: str = "{keywords}"  # the image generator's prompt
+    image_prompt: str = "{keywords}"  # the image generator's prompt ({tokens} as in text_prompt)
     # Share of image prompts replaced by "" during training, so classifier-free guidance has an unconditional model.
     uncond_prob: float = 0.1
     # Share of image prompts replaced by the item's text (its caption): the diffusion model learns to follow
@@ -269,6 +285,9 @@ class GroundingConfig:
     # 150 / 300 / 600 steps: 0.061 / 0.090 / 0.090 (BENCHMARKS.md, "Stage 2").
     image_steps: int = 300
     batch_size: int = 32
+    # Target tokens of an item text the LM loss counts (the rest is cut); 0 = all. A real LLM's step costs in
+    # proportion to the sequence, and it never writes more than generation.max_new_tokens anyway.
+    text_max_tokens: int = 0
     lr: float = 1e-2
     max_grad_norm: float = 1.0
     # Share of each user's interactions grounding trains on, the most typical first (grounding.typical_pairs);
@@ -345,6 +364,10 @@ class GenerationConfig:
     # 0.139 / 0.122, and fidelity is higher too (BENCHMARKS.md, "Stage 2"). Pretrained Stable Diffusion wants ~7.5.
     guidance: float = 1.5
     batch_size: int = 32
+    # A pretrained image encoder that judges the generated images, independently of the reward (which uses the
+    # scorer): similarity to the user's history images and to the target image in its feature space, plus SSIM.
+    # null: no judge (the synthetic world has its attribute judge). "efficientnet-lite0" ships offline.
+    image_judge: str | None = None
 
 
 @dataclass
@@ -382,6 +405,7 @@ class Config:
         _choice("data.image_policy", d.image_policy, ("skip", "error"))
         _choice("data.split", d.split, ("leave_last_out", "random", "given"))
         _choice("features.device", self.features.device, ("cpu", "cuda", "auto"))
+        _choice("features.image_encoder", self.features.image_encoder, IMAGE_ENCODERS)
         if d.source not in ("synthetic",) and d.raw_dir is None:
             raise DppmgError(
                 f"data.raw_dir is required for data.source={d.source!r}: the folder with the source files"
@@ -464,6 +488,9 @@ def _validate_generators(g: GeneratorConfig) -> None:
     _choice(f"{key}.device", g.device, ("cpu", "cuda", "auto"))
     _choice(f"{key}.beta_schedule", g.beta_schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
     _choice(f"{key}.prediction_type", g.prediction_type, ("epsilon", "v_prediction", "sample"))
+    _choice(f"{key}.dtype", g.dtype, ("float32", "bfloat16", "float16"))
+    if g.image_height is not None and g.image_height < 1:
+        raise DppmgError(f"{key}.image_height must be >= 1 or null (square), got {g.image_height}")
     sizes = (
         "text_vocab", "text_max_length", "text_dim", "text_layers", "text_heads", "image_size",
         "unet_layers_per_block", "unet_heads", "unet_text_time_heads", "text_encoder_vocab", "text_encoder_max_length",
@@ -498,15 +525,16 @@ def _validate_generators(g: GeneratorConfig) -> None:
         raise DppmgError(
             f"{key}.unet_heads ({g.unet_heads}) must divide the channels {attended} of the attention levels"
         )
-    if g.image_size % 2 ** (levels - 1):
-        raise DppmgError(
-            f"{key}.image_size ({g.image_size}) must be divisible by 2^{levels - 1}: the UNet halves it "
-            f"between its {levels} levels ({key}.unet_channels={g.unet_channels})"
-        )
-    if g.image_size % 8:
-        raise DppmgError(
-            f"{key}.image_size ({g.image_size}) must be a multiple of 8 (diffusers' pipeline checks it)"
-        )
+    for name, side in (("image_size", g.image_size), ("image_height", g.image_height)):
+        if side is None:
+            continue
+        if side % 2 ** (levels - 1):
+            raise DppmgError(
+                f"{key}.{name} ({side}) must be divisible by 2^{levels - 1}: the UNet halves it "
+                f"between its {levels} levels ({key}.unet_channels={g.unet_channels})"
+            )
+        if side % 8:
+            raise DppmgError(f"{key}.{name} ({side}) must be a multiple of 8 (diffusers' pipeline checks it)")
     if not 0 < g.beta_start < g.beta_end < 1:
         raise DppmgError(f"{key}: need 0 < beta_start < beta_end < 1, got {g.beta_start}, {g.beta_end}")
 
@@ -533,6 +561,8 @@ def _validate_warmstart(w: WarmStartConfig) -> None:
     for name in ("text_prompt", "image_prompt"):
         if "{keywords}" not in getattr(w, name):
             raise DppmgError(f"{key}.{name} must contain {{keywords}}, got {getattr(w, name)!r}")
+        if getattr(w, name).count("{tokens}") > 1:
+            raise DppmgError(f"{key}.{name} may contain {{tokens}} once, got {getattr(w, name)!r}")
 
 
 def _validate_stage2(s2: Stage2Config) -> None:
@@ -541,6 +571,7 @@ def _validate_stage2(s2: Stage2Config) -> None:
         ("grounding.text_steps", g.text_steps, 0),
         ("grounding.image_steps", g.image_steps, 0),
         ("grounding.batch_size", g.batch_size, 1),
+        ("grounding.text_max_tokens", g.text_max_tokens, 0),
         ("rl.iterations", r.iterations, 0),
         ("rl.pairs_per_round", r.pairs_per_round, 1),
         ("rl.minibatch_size", r.minibatch_size, 1),
@@ -569,6 +600,8 @@ def _validate_stage2(s2: Stage2Config) -> None:
         if value <= 0:
             raise DppmgError(f"stage2.{key} must be > 0, got {value}")
     _choice("stage2.rl.advantage", r.advantage, ADVANTAGE_KINDS)
+    if gen.image_judge is not None:
+        _choice("stage2.generation.image_judge", gen.image_judge, IMAGE_ENCODERS[1:])
     if not 0 < g.typical_share <= 1:
         raise DppmgError(
             f"stage2.grounding.typical_share must be in (0, 1] (1 grounds on every interaction), "

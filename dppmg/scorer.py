@@ -59,6 +59,7 @@ WEIGHT_DECAY = 0.05
 WARMUP_FRACTION = 0.05  # share of steps with linear warm-up: the usual guard for transformers at lr ~1e-3
 MAX_SHIFT_PX = 2  # augmentation: random translation of up to this many pixels, edges replicated
 RETRIEVAL_KS = (1, 5)
+RESIZE_MODES = ("crop", "squash")
 RANK_CHUNK = 1024  # texts per similarity block in evaluate_retrieval
 
 
@@ -81,6 +82,9 @@ class Scorer:
         image_mean, image_std: per-channel normalisation applied to pixels in [0, 1].
         max_text_length: tokens per text (the text tower's position embeddings).
         kind: "tiny" (built and trained here) or "pretrained:<name>".
+        resize: how an image that is not square reaches the square: "crop" (CLIP's: shorter side to S, centre
+            crop) or "squash" (resized to S×S whole, aspect not kept: the tiny scorer's, so that a 2:3 poster's
+            top and bottom, where titles sit, count too; it is also how `load_image_array` reads catalogues).
     Embeddings are [N, P] with P = `model.config.projection_dim`, rows L2-normalised, on the model's device.
     """
 
@@ -93,7 +97,11 @@ class Scorer:
         image_std: Sequence[float] = CLIP_STD,
         max_text_length: int = 77,
         kind: str = "tiny",
+        resize: str = "crop",
     ):
+        if resize not in RESIZE_MODES:
+            raise DppmgError(f"scorer resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.resize = resize
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_size = int(image_size)
@@ -176,11 +184,15 @@ class Scorer:
         """float (N, 3, H, W) in [0, 1] → (N, 3, S, S) normalised for the image tower; differentiable.
 
         Like `CLIPImageProcessor`: resize the shorter side to S (bicubic, antialiased), centre-crop S×S,
-        normalise with the mean and std. Square inputs are simply resized.
+        normalise with the mean and std; with resize="squash", resize to S×S directly. Square inputs are simply
+        resized either way.
         """
         s = self.image_size
         h, w = pixels.shape[-2:]
-        if (h, w) != (s, s):
+        if self.resize == "squash" and (h, w) != (s, s):
+            pixels = F.interpolate(pixels, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+            pixels = pixels.clamp(0.0, 1.0)
+        elif (h, w) != (s, s):
             scale = s / min(h, w)
             size = (max(s, round(h * scale)), max(s, round(w * scale)))
             pixels = F.interpolate(pixels, size=size, mode="bicubic", antialias=True, align_corners=False)
@@ -228,6 +240,7 @@ class Scorer:
                 "image_mean": list(self.image_mean),
                 "image_std": list(self.image_std),
                 "max_text_length": self.max_text_length,
+                "resize": self.resize,
             },
         )
         commit_dir(tmp, folder)
@@ -267,7 +280,7 @@ def _scorer_settings(name: str, model: CLIPModel) -> dict[str, Any]:
     path = Path(name) / SCORER_FILE
     if path.is_file():
         saved = read_json(path)
-        keys = ("image_size", "image_mean", "image_std", "max_text_length", "kind")
+        keys = ("image_size", "image_mean", "image_std", "max_text_length", "kind", "resize")
         return {k: saved[k] for k in keys if k in saved}
     settings: dict[str, Any] = {
         "image_size": model.config.vision_config.image_size,
@@ -349,7 +362,8 @@ def build_tiny_scorer(cfg: ScorerConfig, texts: Sequence[str]) -> Scorer:
     tokenizer = build_tokenizer(texts, cfg.max_vocab, cfg.max_text_length)
     model = build_tiny_clip(cfg, tokenizer)
     return Scorer(
-        model, tokenizer, image_size=cfg.image_size, max_text_length=cfg.max_text_length, kind="tiny"
+        model, tokenizer, image_size=cfg.image_size, max_text_length=cfg.max_text_length, kind="tiny",
+        resize="squash",
     )
 
 

@@ -26,7 +26,8 @@ from dppmg.io import write_text
 
 MAX_HISTORY = 8  # most recent history items shown per user
 THUMB_PX = 72  # display side of history and target images
-GENERATION_PX = 128  # display side of generated images
+GENERATION_PX = 128  # display width of generated images
+GALLERY_SOURCE_PX = 192  # catalogue images are embedded at most this many pixels on their longer side
 
 STYLE = f"""
 body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }}

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,8 +51,6 @@ from diffusers.utils import logging as diffusers_logging
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     GPT2Config,
@@ -67,6 +64,7 @@ from dppmg.config import GeneratorConfig
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.io import commit_dir, read_json, staging_dir, write_json
+from dppmg.models import HUB_ID, load_causal_lm
 from dppmg.scorer import BOS, SPECIAL_TOKENS, UNK, Scorer, build_tokenizer, clean_texts, wrap_tokenizer
 from stage2_generation.injection import HOLDER_NAME
 
@@ -76,8 +74,6 @@ MANIFEST_FILE = "generators.json"
 FORMAT_VERSION = 1
 MAX_NORM_GROUPS = 32  # GroupNorm groups in the UNet (diffusers' default), fewer when the channels need it
 TINY = "tiny"
-# A hub id is "name" or "owner/name"; anything else (several slashes, ./, ~, an absolute path) is a local path.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,7 +103,7 @@ class Generators:
         encoder = sum(p.numel() for p in self.pipe.text_encoder.parameters())
         return (
             f"Generators(lm={type(self.lm).__name__}[{lm:,}], unet={unet:,}, text_encoder={encoder:,}, "
-            f"image_size={image_size(self.pipe)}, info={self.info})"
+            f"image_shape={image_shape(self.pipe)}, info={self.info})"
         )
 
     def to(self, device: str | torch.device) -> Generators:
@@ -123,6 +119,7 @@ def build_generators(
     seed: int,
     image_texts: Sequence[str] | None = None,
     scorer: Scorer | None = None,
+    model_cache: str | Path | None = None,
 ) -> Generators:
     """The generators the config names, loaded; or tiny ones built over `texts` (deterministic for a seed).
 
@@ -131,9 +128,10 @@ def build_generators(
         image_texts: the corpus of the tiny text encoder's tokenizer; default `texts`.
         scorer: the dataset's scorer, whose text tower (a copy) becomes the tiny pipeline's text encoder when
             `cfg.text_encoder_from_scorer` is set; required then.
+        model_cache: where GGUF text models keep their dequantized copy (dppmg/models.py).
     """
     if cfg.text_model is not None:
-        lm, tokenizer = load_text_generator(cfg.text_model)
+        lm, tokenizer = load_text_generator(cfg.text_model, cache_dir=model_cache, dtype=cfg.dtype)
     else:
         tokenizer = build_text_tokenizer(texts, cfg.text_vocab, cfg.text_max_length)
         lm = build_tiny_lm(tokenizer, cfg, seed=seed)
@@ -304,7 +302,7 @@ def _tiny_unet(cfg: GeneratorConfig, cross_attention_dim: int) -> UNet2DConditio
     attended = cfg.unet_attention_levels
     plain = len(cfg.unet_channels) - attended  # the high-resolution levels, without attention
     return UNet2DConditionModel(
-        sample_size=cfg.image_size,
+        sample_size=cfg.image_size if cfg.image_height in (None, cfg.image_size) else (cfg.image_height, cfg.image_size),
         in_channels=3,  # RGB in pixel space
         out_channels=3,
         block_out_channels=tuple(cfg.unet_channels),
@@ -332,11 +330,11 @@ def _prepare_pipeline(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     return pipe
 
 
-def image_size(pipe: StableDiffusionPipeline) -> int:
-    """The side in pixels of the images the pipeline makes by default."""
+def image_shape(pipe: StableDiffusionPipeline) -> tuple[int, int]:
+    """(height, width) in pixels of the images the pipeline makes by default."""
     size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
-    return int(size * pipe.vae_scale_factor)
+    height, width = (size, size) if isinstance(size, int) else (size[0], size[1])
+    return int(height * pipe.vae_scale_factor), int(width * pipe.vae_scale_factor)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,20 +342,13 @@ def image_size(pipe: StableDiffusionPipeline) -> int:
 
 
 def load_text_generator(
-    name_or_path: str | Path, device: str | torch.device = "cpu"
+    name_or_path: str | Path,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    dtype: str = "float32",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer by hub id or folder; a tokenizer without a pad token pads with EOS."""
-    source = _source(name_or_path, "text generator")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        raise DppmgError(f"cannot load the text generator {source!r}: {_first_line(e)}") from None
-    if tokenizer.pad_token is None:  # many LLMs have none; the pad positions are masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(resolve_device(device)).eval(), tokenizer
+    """A causal LM and its tokenizer by packaged name, GGUF file, folder or hub id (`dppmg.models.load_causal_lm`)."""
+    return load_causal_lm(name_or_path, cache_dir=cache_dir, device=device, dtype=dtype)
 
 
 def load_image_pipeline(
@@ -381,11 +372,13 @@ def load_image_pipeline(
     return _prepare_pipeline(pipe).to(resolve_device(device))
 
 
-def save_generators(gen: Generators, folder: str | Path) -> Path:
+def save_generators(gen: Generators, folder: str | Path, text_source: str | None = None) -> Path:
     """Write both generators as Hugging Face folders (`text/`, `image/`) plus generators.json, atomically.
 
     Save the base generators, before token injection: injected tokens are saved on their own
     (`injection.save_injected`), and a model carrying them would not load back as a plain model.
+    `text_source` names the text model instead of saving it, for a pretrained LM the warm-start left as it was
+    (a copy of SmolLM2 would cost 540 MB per cache entry); `load_generators` then loads it by that name.
     """
     folder = Path(folder)
     injected = [m for m in (gen.lm, gen.pipe.text_encoder) if _is_injected(m)]
@@ -396,10 +389,12 @@ def save_generators(gen: Generators, folder: str | Path) -> Path:
         )
     stage = staging_dir(folder)
     try:
-        gen.lm.save_pretrained(stage / TEXT_DIR)
-        gen.lm_tokenizer.save_pretrained(stage / TEXT_DIR)
+        if text_source is None:
+            gen.lm.save_pretrained(stage / TEXT_DIR)
+            gen.lm_tokenizer.save_pretrained(stage / TEXT_DIR)
         gen.pipe.save_pretrained(stage / IMAGE_DIR)
-        write_json(stage / MANIFEST_FILE, {"format_version": FORMAT_VERSION, "info": gen.info})
+        manifest = {"format_version": FORMAT_VERSION, "info": gen.info, "text_source": text_source}
+        write_json(stage / MANIFEST_FILE, manifest)
         commit_dir(stage, folder)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -407,8 +402,16 @@ def save_generators(gen: Generators, folder: str | Path) -> Path:
     return folder
 
 
-def load_generators(folder: str | Path, device: str | torch.device = "cpu") -> Generators:
-    """Generators written by `save_generators`, loaded with the same code as pretrained ones."""
+def load_generators(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    model_cache: str | Path | None = None,
+    dtype: str = "float32",
+) -> Generators:
+    """Generators written by `save_generators`, loaded with the same code as pretrained ones.
+
+    A text model saved by name (`text_source`) is loaded by that name, with `model_cache` and `dtype`.
+    """
     folder = Path(folder)
     manifest = folder / MANIFEST_FILE
     if not manifest.is_file():
@@ -418,7 +421,11 @@ def load_generators(folder: str | Path, device: str | torch.device = "cpu") -> G
         raise DppmgError(
             f"{manifest}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
         )
-    lm, tokenizer = load_text_generator(folder / TEXT_DIR, device)
+    source = meta.get("text_source")
+    if source is None:
+        lm, tokenizer = load_text_generator(folder / TEXT_DIR, device)
+    else:
+        lm, tokenizer = load_text_generator(source, device, cache_dir=model_cache, dtype=dtype)
     pipe = load_image_pipeline(folder / IMAGE_DIR, device)
     return Generators(lm, tokenizer, pipe, dict(meta.get("info", {})))
 
@@ -534,9 +541,9 @@ def generate_images(
     prompts, and the pipeline's scheduler with eta = 0 makes the rest deterministic.
     """
     prompts = list(prompts)
-    side = image_size(pipe)
+    height, width = image_shape(pipe)
     if not prompts:
-        return np.zeros((0, side, side, 3), dtype=np.uint8)
+        return np.zeros((0, height, width, 3), dtype=np.uint8)
     pixel_space = pipe.vae is None
     images = []
     starts = range(0, len(prompts), batch_size)
@@ -545,6 +552,8 @@ def generate_images(
         generators = [torch.Generator().manual_seed(_image_seed(seed, start + j)) for j in range(len(chunk))]
         out = pipe(
             prompt=chunk,
+            height=height,
+            width=width,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generators,

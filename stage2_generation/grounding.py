@@ -20,13 +20,14 @@ from dppmg.config import GroundingConfig
 from dppmg.data.format import ProcessedDataset
 from dppmg.errors import DppmgError
 from dppmg.log import logger
-from stage2_generation.generators import image_size
+from stage2_generation.generators import image_shape
 from stage2_generation.policy import Pair, Policy
 from stage2_generation.warmstart import (
     IGNORE_INDEX,
     _max_positions,
     diffusion_loss,
     guarded_step,
+    target_separator,
     text_batch,
 )
 
@@ -79,11 +80,15 @@ def typical_pairs(pairs: Sequence[Pair], item_emb: torch.Tensor, share: float) -
     return [pairs[k] for k in sorted(keep)]
 
 
-def text_loss(policy: Policy, pairs: Sequence[Pair], texts: Sequence[str]) -> torch.Tensor:
-    """Mean LM loss of each pair's item text given its personalized prompt."""
+def text_loss(
+    policy: Policy, pairs: Sequence[Pair], texts: Sequence[str], max_target_tokens: int | None = None
+) -> torch.Tensor:
+    """Mean LM loss of each pair's item text (its first `max_target_tokens` tokens) given its personalized prompt."""
     lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
     examples = list(zip(policy.text_prompts(pairs), texts))
-    batch = text_batch(tokenizer, examples, _max_positions(lm, tokenizer))
+    batch = text_batch(
+        tokenizer, examples, _max_positions(lm, tokenizer), target_separator(policy.prompts), max_target_tokens
+    )
     device = next(lm.parameters()).device
     out = lm(**{k: v.to(device) for k, v in batch.items()})
     if not (batch["labels"] != IGNORE_INDEX).any():
@@ -172,7 +177,7 @@ def ground(
 
             def text_fn(picks: np.ndarray, _: torch.Generator) -> torch.Tensor:
                 chosen = [usable[i] for i in picks]
-                return text_loss(policy, chosen, [texts.iat[p.item] for p in chosen])
+                return text_loss(policy, chosen, [texts.iat[p.item] for p in chosen], cfg.text_max_tokens or None)
 
             report["text"] = fit(
                 "text", text_fn, policy.parameters("text"), len(usable), cfg, cfg.text_steps, seed, progress
@@ -185,7 +190,7 @@ def ground(
         if images is None:
             from stage2_generation.warmstart import image_warmstart_examples
 
-            _, images = image_warmstart_examples(ds, "{keywords}", image_size(policy.gen.pipe), progress)
+            _, images = image_warmstart_examples(ds, "{keywords}", image_shape(policy.gen.pipe), progress)
             # image_warmstart_examples keeps the items with images, in item order
             full = np.zeros((ds.num_items, *images.shape[1:]), dtype=np.uint8)
             full[np.flatnonzero(has_image)] = images

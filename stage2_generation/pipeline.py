@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, load_config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.data.imageio import load_image_array
@@ -48,9 +49,10 @@ from stage2_generation.attributes import (
     target_hit_rate,
 )
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
-from stage2_generation.generators import generate_images, generate_texts, image_size
+from stage2_generation.generators import generate_images, generate_texts, image_shape
 from stage2_generation.grounding import ground, training_pairs
 from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
+from stage2_generation.judges import ImageJudge
 from stage2_generation.policy import Pair, Policy
 from stage2_generation.rewards import METRIC_NAMES, TOTAL_KEY, summarise
 from stage2_generation.rl import make_optimizers, rl_iteration
@@ -146,7 +148,10 @@ def load_components(
     if not (ds.root / "scorer").is_dir():
         raise DppmgError(f"{ds.root}/scorer is missing: stage 2 scores images with the dataset's scorer")
     scorer = Scorer.load(ds.root / "scorer", s2.generators.device)
-    gen = warm_start(ds, s2.generators, s2.warmstart, cache, cfg.seed, progress=progress, scorer=scorer)
+    gen = warm_start(
+        ds, s2.generators, s2.warmstart, cache, cfg.seed, progress=progress, scorer=scorer,
+        model_cache=Path(cfg.features.cache_dir),
+    )  # fmt: skip
     warm_seconds = time.perf_counter() - start
     policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed)
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
@@ -195,7 +200,9 @@ def evaluate_condition(
     personalized: bool,
     judge=None,
     progress: bool = True,
+    image_judge: ImageJudge | None = None,
 ) -> Generated:
+    """Generate for the pairs and score: the reward's terms, and the judges' (attribute judge, image judge)."""
     texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized, progress)
     result = rewarder(pairs, texts, images)
     metrics = summarise([result])
@@ -203,6 +210,10 @@ def evaluate_condition(
     per_pair[TOTAL_KEY] = result.total.tolist()
     if judge is not None:
         metrics.update(attribute_metrics(judge, rewarder.ds, pairs, texts, images))
+    if image_judge is not None:
+        for name, values in image_judge(pairs, images).items():
+            per_pair[name] = values.tolist()
+            metrics[name] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     return Generated(texts, images, metrics, per_pair, ts, is_, tokens)
 
 
@@ -291,6 +302,18 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     pairs = heldout_pairs(ds, held_users)
     pool = training_pairs(ds, train_users)
     judge = fit_judge(ds, seed=cfg.seed)
+    image_judge = None
+    if s2.generation.image_judge is not None:
+        image_judge = ImageJudge.build(
+            ds, s2.generation.image_judge, image_shape(policy.gen.pipe), cfg.features.cache_dir,
+            cfg.features.device, progress,
+        )  # fmt: skip
+
+    def evaluate(personalized: bool) -> Generated:
+        return evaluate_condition(
+            policy, rewarder, pairs, cfg, personalized, judge=judge, progress=progress, image_judge=image_judge
+        )
+
     logger.info(
         "stage 2 on %s: %d training users (%d interactions), %d held-out (user, target) pairs",
         ds.root, len(train_users), len(pool), len(pairs),
@@ -304,9 +327,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     try:
         if "none" not in state.evals:
             logger.info("generating for the held-out pairs without preference tokens (heldout.none)")
-            state.evals["none"] = evaluate_condition(
-                policy, rewarder, pairs, cfg, personalized=False, judge=judge, progress=progress
-            )
+            state.evals["none"] = evaluate(personalized=False)
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         if state.grounding is None:
             start = time.perf_counter()
@@ -315,16 +336,12 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
                 item_text_emb=rewarder.item_text, item_image_emb=rewarder.item_image,
             )  # fmt: skip
             state.seconds["grounding"] = time.perf_counter() - start
-            state.evals["grounded"] = evaluate_condition(
-                policy, rewarder, pairs, cfg, personalized=True, judge=judge, progress=progress
-            )
+            state.evals["grounded"] = evaluate(personalized=True)
             tracker.log(flatten_metrics({"grounded": state.evals["grounded"].metrics}), step=0)
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         _rl(policy, rewarder, pool, cfg, state, optimizers, tracker, out, progress)
         if "rl" not in state.evals:
-            state.evals["rl"] = evaluate_condition(
-                policy, rewarder, pairs, cfg, personalized=True, judge=judge, progress=progress
-            )
+            state.evals["rl"] = evaluate(personalized=True)
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         metrics = _finish(out, cfg, c, state, pairs, fingerprint, judge, time.perf_counter() - total_start)
         tracker.summary(
@@ -451,6 +468,50 @@ def issue_targets(heldout: dict[str, dict[str, float]]) -> dict[str, Any]:
     return out
 
 
+COMPARISONS = (("grounded", "none"), ("rl", "none"), ("rl", "grounded"))  # heldout_differences: a − b
+
+
+def heldout_intervals(evals: dict[str, Generated], seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """95 % bootstrap intervals over the held-out pairs: of every per-pair metric's mean per condition, and of
+    the paired differences between conditions ("rl_minus_none", ...), each marked significant or not."""
+    ci = {
+        c: {m: bootstrap_mean(v, seed=seed).as_dict() for m, v in evals[c].per_pair.items()} for c in CONDITIONS
+    }
+    diffs = {
+        f"{a}_minus_{b}": {
+            m: paired_difference(v, evals[b].per_pair[m], seed=seed).as_dict()
+            for m, v in evals[a].per_pair.items()
+            if m in evals[b].per_pair
+        }
+        for a, b in COMPARISONS
+    }
+    return ci, diffs
+
+
+def judge_targets(diffs: dict[str, Any]) -> dict[str, Any]:
+    """The real-data targets, on the paired differences after RL against `none` (with an image judge only).
+
+    Image personalization must rise on the judge the reward never sees, with the interval excluding 0; text
+    personalization must rise. Fidelity is checked by `issue_targets`.
+    """
+    d = diffs["rl_minus_none"]
+    out = {}
+    for key, metric, significant in (
+        ("judge_personalization_rl_over_none", "judge_history_all", True),
+        ("judge_personalization_last5_rl_over_none", "judge_history_last5", True),
+        ("personalization_text_rl_over_none", "personalization_text", False),
+    ):
+        if metric not in d:
+            continue
+        i = d[metric]
+        out[key] = {
+            "value": i["mean"], "ci": [i["low"], i["high"]],
+            "target": "> 0 with the 95 % interval above 0" if significant else "> 0",
+            "met": bool(i["low"] > 0) if significant else bool(i["mean"] > 0),
+        }  # fmt: skip
+    return out
+
+
 def _finish(
     out: Path,
     cfg: Config,
@@ -470,7 +531,7 @@ def _finish(
         export_image_tokens(policy.image, export / "image")
     _write_generations(out / "generations", ds, pairs, state)
     heldout = {k: state.evals[k].metrics for k in CONDITIONS}
-    oracle = oracle_metrics(c.rewarder, pairs, image_size(policy.gen.pipe), cfg.seed, judge)
+    oracle = oracle_metrics(c.rewarder, pairs, image_shape(policy.gen.pipe), cfg.seed, judge)
     rl_eval = state.evals["rl"]
     n = len(pairs)
     timing = {
@@ -483,11 +544,14 @@ def _finish(
         "grounding_seconds": state.seconds.get("grounding", float("nan")),
         "run_seconds": seconds,
     }
+    ci, diffs = heldout_intervals(state.evals, cfg.seed)
     metrics: dict[str, Any] = {
         "heldout": heldout,
         # Every heldout.* entry averages the same pairs; this is how many (and which users).
         "heldout_pairs": n,
-        "gains": issue_targets(heldout),
+        "heldout_ci": ci,
+        "heldout_differences": diffs,
+        "gains": {**issue_targets(heldout), **judge_targets(diffs)},
         # What perfectly matching real items score on a world with ground truth (oracle_metrics), and the
         # gain over heldout.none it reaches: the yardstick for "gains" (null on real datasets).
         "heldout_oracle": oracle,
@@ -547,16 +611,16 @@ def _safe(name: str) -> str:
 def _write_gallery(
     path: Path, cfg: Config, ds: ProcessedDataset, pairs: list[Pair], state: Stage2State, heldout
 ) -> None:
-    from dppmg.data.imageio import load_image_array
-    from stage2_generation.gallery import GalleryEntry, Shown, write_gallery
+    from dppmg.data.imageio import load_image
+    from stage2_generation.gallery import GALLERY_SOURCE_PX, GalleryEntry, Shown, write_gallery
 
     rewarder_history = user_histories(ds)
     entries = []
-    side = state.evals["rl"].images.shape[1]
 
     def item(i: int) -> Shown:
         p = ds.image_path(i)
-        img = load_image_array([p], side, progress=False)[0] if p is not None and p.is_file() else None
+        # The catalogue's own image at its own shape (a poster stays 2:3), not the generators' small copy.
+        img = load_image(p, GALLERY_SOURCE_PX) if p is not None and p.is_file() else None
         text = ds.items["text"].iat[i]
         return Shown(text=text if isinstance(text, str) else None, image=img)
 

@@ -29,9 +29,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dppmg.config import WarmStartConfig
 from dppmg.errors import DppmgError
 from dppmg.tokens import TokenCheckpoint
-from stage2_generation.generators import Generators, image_size
+from stage2_generation.generators import Generators, image_shape
 from stage2_generation.injection import InjectedTokens, inject_tokens, trainable_parameters
-from stage2_generation.warmstart import fill_prompt
+from stage2_generation.warmstart import chat_prompt, fill_prompt
 
 
 @dataclass
@@ -108,14 +108,16 @@ class Policy:
         return self.ckpt.user_prompt(user, modality)
 
     def text_prompts(self, pairs: Sequence[Pair], personalized: bool = True) -> list[str]:
-        template = self.prompts.text_prompt
-        return [self._tokens(p.user, "text", personalized) + fill_prompt(template, p.keywords) for p in pairs]
+        """The LM prompts; with `text_chat`, each is the user turn of the tokenizer's chat template."""
+        cfg = self.prompts
+        prompts = [fill_prompt(cfg.text_prompt, p.keywords, self._tokens(p.user, "text", personalized)) for p in pairs]
+        if cfg.text_chat:
+            prompts = [chat_prompt(self.gen.lm_tokenizer, p, cfg.text_system) for p in prompts]
+        return prompts
 
     def image_prompts(self, pairs: Sequence[Pair], personalized: bool = True) -> list[str]:
         template = self.prompts.image_prompt
-        return [
-            self._tokens(p.user, "image", personalized) + fill_prompt(template, p.keywords) for p in pairs
-        ]
+        return [fill_prompt(template, p.keywords, self._tokens(p.user, "image", personalized)) for p in pairs]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,11 +126,11 @@ class Policy:
 
 def sample_shape(pipe: StableDiffusionPipeline) -> tuple[int, int, int]:
     """(C, H, W) of what the UNet denoises: pixels without a VAE, latents with one."""
-    side = image_size(pipe)
+    height, width = image_shape(pipe)
     if pipe.vae is None:
-        return (pipe.unet.config.in_channels, side, side)
+        return (pipe.unet.config.in_channels, height, width)
     factor = pipe.vae_scale_factor
-    return (pipe.unet.config.in_channels, side // factor, side // factor)
+    return (pipe.unet.config.in_channels, height // factor, width // factor)
 
 
 @torch.no_grad()

@@ -45,13 +45,14 @@ from stage2_generation.generators import (
     Generators,
     build_generators,
     encode_prompts,
-    image_size,
+    image_shape,
     load_generators,
     save_generators,
 )
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and so every HF causal LM) skips
 KEYWORDS = "{keywords}"  # the placeholder in the prompt templates (str.replace, so other braces are literal)
+TOKENS = "{tokens}"  # where a user's preference tokens go in a template (first when it has none)
 LOSS_WINDOW = (
     0.1  # loss_first / loss_last average this share of the steps: one diffusion step's loss is noisy
 )
@@ -63,10 +64,41 @@ CACHE_VERSION = 3  # bump when the training recipe changes, so older caches are 
 # Examples
 
 
-def fill_prompt(template: str, keywords: Any) -> str:
-    """The prompt for an item's keywords (missing keywords give the template with an empty phrase)."""
+def fill_prompt(template: str, keywords: Any, tokens: str = "") -> str:
+    """The prompt for an item's keywords (missing keywords give the template with an empty phrase).
+
+    `tokens` (a user's preference tokens, or hint words) go where the template says {tokens}, else first.
+    """
     phrase = "" if keywords is None or pd.isna(keywords) else str(keywords).strip()
-    return template.replace(KEYWORDS, phrase).strip()
+    filled = template.replace(KEYWORDS, phrase)
+    if TOKENS in filled:
+        return filled.replace(TOKENS, tokens).strip()
+    return (tokens + filled.strip()).strip()
+
+
+def target_separator(cfg: WarmStartConfig) -> str:
+    """What joins a prompt and its target text: a space after "keywords:", nothing after a chat prompt."""
+    return "" if cfg.text_chat else " "
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, message: str, system: str = "") -> str:
+    """`message` as the user turn of the tokenizer's chat template, ending where the assistant's answer starts.
+
+    An empty `system` leaves the system turn to the template (some add a default one). When the template writes
+    the BOS token and the tokenizer also adds it on encoding, the template's copy is dropped, so that encoding the
+    prompt gives one BOS, not two.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DppmgError(
+            f"stage2.warmstart.text_chat is true, but the text model's tokenizer ({type(tokenizer).__name__}) has "
+            "no chat template; set text_chat=false or use an instruction model"
+        )
+    turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
 
 
 def text_warmstart_examples(
@@ -95,7 +127,7 @@ def text_warmstart_examples(
             picked = rng.choice(
                 pool, size=min(len(pool), int(rng.integers(1, hint_words + 1))), replace=False
             )
-            hinted.append((" ".join(picked) + " " + prompt, target))
+            hinted.append((fill_prompt(template, keywords, " ".join(picked) + " "), target))
     return examples + hinted
 
 
@@ -110,16 +142,16 @@ def _words(text: str) -> list[str]:
 
 
 def image_warmstart_examples(
-    ds: ProcessedDataset, template: str, side: int, progress: bool
+    ds: ProcessedDataset, template: str, shape: tuple[int, int], progress: bool
 ) -> tuple[list[str], np.ndarray]:
-    """Prompts and uint8 [N, side, side, 3] images of the items that have an image."""
+    """Prompts and uint8 [N, H, W, 3] images (`shape` = (H, W)) of the items that have an image."""
     rows = [i for i in range(ds.num_items) if ds.image_path(i) is not None]
     paths = [ds.image_path(i) for i in rows]
     missing = [p for p in paths if not p.is_file()]  # type: ignore[union-attr]
     if missing:
         raise DppmgError(f"{ds.root}: item image {missing[0]} is missing ({len(missing)} missing in all)")
     prompts = [fill_prompt(template, ds.items["keywords"].iat[i]) for i in rows]
-    return prompts, load_image_array(paths, side, progress=progress)  # type: ignore[arg-type]
+    return prompts, load_image_array(paths, shape, progress=progress)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,17 +159,24 @@ def image_warmstart_examples(
 
 
 def text_batch(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[tuple[str, str]], max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[tuple[str, str]],
+    max_length: int,
+    separator: str = " ",
+    max_target_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask, labels [B, T], right-padded; labels are -100 on the prompt and the padding.
 
     Prompt and target are tokenized separately, so the prompt's tokens are exactly those `generate_texts` feeds
-    the model. The target is " " + text + EOS; a target too long for `max_length` is cut (and then has no EOS).
+    the model. The target is `separator` + text + EOS (a chat prompt ends where the answer starts, so it takes
+    separator ""); a target longer than `max_target_tokens`, or too long for `max_length`, is cut (and then has
+    no EOS).
     """
     rows = []
     for prompt, target in examples:
         prompt_ids = tokenizer(prompt)["input_ids"]
-        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        target_ids = tokenizer(separator + target, add_special_tokens=False)["input_ids"]
+        target_ids = (target_ids + [tokenizer.eos_token_id])[:max_target_tokens]
         room = max_length - len(prompt_ids)
         if room < 1:
             raise DppmgError(
@@ -179,6 +218,7 @@ def train_text_warmstart(
     progress: bool = True,
     max_grad_norm: float = 1.0,
     warmup: float = 0.05,
+    separator: str = " ",
 ) -> dict[str, float]:
     """Fine-tune the whole LM on (prompt, target) pairs; returns loss_first, loss_last, seconds, steps.
 
@@ -197,7 +237,7 @@ def train_text_warmstart(
     lm.train()
     for _ in tqdm(range(steps), desc="warm-start text", disable=not progress):
         picks = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=rng).tolist()
-        batch = text_batch(tokenizer, [examples[i] for i in picks], max_length)
+        batch = text_batch(tokenizer, [examples[i] for i in picks], max_length, separator)
         loss = lm(**{k: v.to(device) for k, v in batch.items()}).loss  # HF shifts the labels by one
         losses.append(_step(optimizer, schedule, loss, params, max_grad_norm))
     lm.eval()
@@ -275,10 +315,10 @@ def train_image_warmstart(
         raise DppmgError(
             f"image warm-start needs matching, non-empty prompts and images, got {len(prompts)} and {len(images)}"
         )
-    side = image_size(pipe)
-    if images.shape[1:] != (side, side, 3):
+    height, width = image_shape(pipe)
+    if images.shape[1:] != (height, width, 3):
         raise DppmgError(
-            f"image warm-start images are {list(images.shape[1:])}, the pipeline makes [{side}, {side}, 3]"
+            f"image warm-start images are {list(images.shape[1:])}, the pipeline makes [{height}, {width}, 3]"
         )
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
     pipe.text_encoder.requires_grad_(train_text_encoder)
@@ -444,11 +484,14 @@ def warm_start(
     seed: int,
     progress: bool = True,
     scorer: Scorer | None = None,
+    model_cache: str | Path | None = None,
 ) -> Generators:
     """Generators built from `gen_cfg` and warm-started on `ds`'s items; cached under cache_root/<key>/.
 
     `scorer` is the dataset's scorer, needed when the tiny pipeline's text encoder comes from it
-    (`gen_cfg.text_encoder_from_scorer`).
+    (`gen_cfg.text_encoder_from_scorer`). `model_cache` is where GGUF text models keep their dequantized copy.
+    A pretrained text model that the warm-start does not train (text_steps 0) is not copied into the cache: the
+    cache names it, and a cached load loads it by name.
 
     The text part is skipped when no item has a text, the image part when no item has an image (or when the
     config gives it 0 steps). `info["warmstart"]` holds each part's loss and time.
@@ -463,22 +506,24 @@ def warm_start(
     folder = Path(cache_root) / warmstart_key(dataset_hash, gen_cfg, ws_cfg, seed, scorer_hash)
     if (folder / MANIFEST_FILE).is_file():
         logger.info("warm-started generators loaded from the cache %s", folder)
-        return load_generators(folder, gen_cfg.device)
+        return load_generators(folder, gen_cfg.device, model_cache, gen_cfg.dtype)
 
     corpus = _tokenizer_corpus(ds.items)
     if not corpus:
         raise DppmgError(
             f"{ds.root}: items have neither text nor keywords; nothing to warm-start the generators on"
         )
-    gen = build_generators(gen_cfg, corpus, seed=seed, scorer=scorer)
+    gen = build_generators(gen_cfg, corpus, seed=seed, scorer=scorer, model_cache=model_cache)
     report: dict[str, Any] = {}
     examples = text_warmstart_examples(
         ds.items, ws_cfg.text_prompt, ws_cfg.text_hint_copies, ws_cfg.text_hint_words, seed
     )
+    if ws_cfg.text_chat:
+        examples = [(chat_prompt(gen.lm_tokenizer, p, ws_cfg.text_system), t) for p, t in examples]
     if examples and ws_cfg.text_steps > 0:
         report["text"] = train_text_warmstart(
             gen.lm, gen.lm_tokenizer, examples, ws_cfg.text_steps, ws_cfg.batch_size, ws_cfg.lr_text, seed,
-            progress, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,
+            progress, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup, separator=target_separator(ws_cfg),
         )  # fmt: skip
         logger.info("warm-start text: loss %.3f → %.3f in %.0f s", *_loss_line(report["text"]))
     has_images = ds.items["image"].notna().any()
@@ -486,7 +531,8 @@ def warm_start(
         report["image"] = warm_start_images(gen, ds, gen_cfg, ws_cfg, seed, progress)
         logger.info("warm-start images: loss %.3f → %.3f in %.0f s", *_loss_line(report["image"]))
     gen.info.update(dataset_hash=dataset_hash, warmstart=report)
-    save_generators(gen, folder)  # atomic: staging folder, then one rename
+    untouched = gen_cfg.text_model if gen_cfg.text_model is not None and "text" not in report else None
+    save_generators(gen, folder, text_source=untouched)  # atomic: staging folder, then one rename
     logger.info("warm-started generators cached in %s", folder)
     return gen
 
@@ -504,7 +550,7 @@ def warm_start_images(
     The text encoder trains only when it was built untrained here; the scorer's copy and a real pipeline's CLIP
     stay frozen. Returns `train_image_warmstart`'s statistics.
     """
-    prompts, images = image_warmstart_examples(ds, ws_cfg.image_prompt, image_size(gen.pipe), progress)
+    prompts, images = image_warmstart_examples(ds, ws_cfg.image_prompt, image_shape(gen.pipe), progress)
     return train_image_warmstart(
         gen.pipe, prompts, images, ws_cfg.image_steps, ws_cfg.batch_size, ws_cfg.lr_image, seed, progress,
         uncond_prob=ws_cfg.uncond_prob, max_grad_norm=ws_cfg.max_grad_norm, warmup=ws_cfg.warmup,

@@ -247,20 +247,20 @@ def test_build_generators_loads_named_models(saved: Path):
 
 def test_missing_or_unloadable_sources_name_the_path(tmp_path: Path):
     missing = tmp_path / "no" / "such" / "model"
-    with pytest.raises(DppmgError, match=f"text generator not found: {missing}"):
+    with pytest.raises(DppmgError, match=f"text model not found: {missing}"):
         load_text_generator(missing)
     with pytest.raises(DppmgError, match=f"image generator not found: {missing}"):
         load_image_pipeline(str(missing))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(DppmgError, match=f"cannot load the text generator '{empty}'"):
+    with pytest.raises(DppmgError, match=f"cannot load the text model '{empty}'"):
         load_text_generator(empty)
     with pytest.raises(DppmgError, match=f"cannot load the image generator '{empty}'"):
         load_image_pipeline(empty)
     with pytest.raises(DppmgError, match=f"{empty}: not a saved generators folder"):
         load_generators(empty)
     # A hub id that is not cached, with the hub offline (conftest sets HF_HUB_OFFLINE=1).
-    with pytest.raises(DppmgError, match="cannot load the text generator 'dppmg-test/no-such-model'"):
+    with pytest.raises(DppmgError, match="cannot load the text model 'dppmg-test/no-such-model'"):
         load_text_generator("dppmg-test/no-such-model")
 
 

@@ -14,7 +14,13 @@ from dppmg.data.format import ProcessedDataset
 from dppmg.errors import DppmgError
 from stage1_preference import baselines
 from stage1_preference.baselines import PygLightGCN, train_popularity
-from stage1_preference.evaluate import full_ranking_metrics, masked_splits, preference_recovery
+from stage1_preference.evaluate import (
+    full_ranking_metrics,
+    keyword_recovery,
+    masked_splits,
+    preference_recovery,
+    user_keyword_shares,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -287,3 +293,58 @@ def test_popularity_scores_by_train_counts(tmp_path):
     # user 2: item 0 masked, item 1 (count 2) first: hit. user 3: item 1 masked, item 0 first: miss.
     assert out["recall@1"] == pytest.approx(0.5)
     assert out["users_evaluated"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keyword (genre) recovery: the real-data check of the tokens
+
+GENRES = ["action", "comedy", "drama", "horror"]
+
+
+def _genre_world(n_users: int = 200, seed: int = 0):
+    """Items with one or two genres; each user watches mostly one favourite genre. Returns items, train, favourite."""
+    rng = np.random.default_rng(seed)
+    n_items = 80
+    first = rng.integers(0, len(GENRES), n_items)
+    second = np.where(rng.random(n_items) < 0.3, (first + 1) % len(GENRES), first)
+    keywords = [", ".join(sorted({GENRES[a], GENRES[b]})) for a, b in zip(first, second)]
+    items = pd.DataFrame({"item_idx": np.arange(n_items), "keywords": keywords})
+    favourite = rng.integers(0, len(GENRES), n_users)
+    rows = []
+    for u in range(n_users):
+        mine = np.flatnonzero(first == favourite[u])
+        others = np.flatnonzero(first != favourite[u])
+        picks = np.concatenate([rng.choice(mine, 8), rng.choice(others, 3)])
+        rows += [(u, int(i)) for i in picks]
+    train = pd.DataFrame(rows, columns=["user_idx", "item_idx"])
+    return items, train, favourite
+
+
+def test_user_keyword_shares_count_every_genre_of_an_item():
+    items = pd.DataFrame({"keywords": ["action, comedy", "comedy", None]})
+    train = pd.DataFrame({"user_idx": [0, 0, 1, 1], "item_idx": [0, 1, 1, 2]})
+    shares = user_keyword_shares(items, train, num_users=3)
+    assert list(shares.columns) == ["action", "comedy"]
+    assert shares.loc[0].tolist() == pytest.approx([1 / 3, 2 / 3])
+    assert shares.loc[1].tolist() == pytest.approx([0.0, 1.0])  # item 2 has no keywords
+    assert shares.loc[2].tolist() == [0.0, 0.0]  # no history
+
+
+def test_keyword_recovery_reads_the_favourite_genre_from_informative_vectors():
+    items, train, favourite = _genre_world()
+    rng = np.random.default_rng(1)
+    informative = torch.tensor(np.eye(len(GENRES))[favourite] + 0.3 * rng.standard_normal((len(favourite), 4)))
+    noise = torch.tensor(rng.standard_normal((len(favourite), 8)))
+    out = keyword_recovery({"text": informative, "image": noise}, items, train, len(favourite), seed=0)
+    text, image = out["text"], out["image"]
+    assert text["top"] > 0.9 and text["top"] > text["top_chance"] + 0.4
+    assert image["top"] < image["top_chance"] + 0.2  # random vectors: about chance
+    assert text["above_median"] > image["above_median"] + 0.2
+    assert 0.4 <= text["above_median_chance"] <= 0.8
+    assert set(text["per_keyword"]) <= set(GENRES) and text["users_heldout"] == 40
+
+
+def test_keyword_recovery_without_keywords_is_empty():
+    items = pd.DataFrame({"keywords": [None, None]})
+    train = pd.DataFrame({"user_idx": [0, 1], "item_idx": [0, 1]})
+    assert keyword_recovery({"text": torch.zeros(2, 3)}, items, train, 2) == {}

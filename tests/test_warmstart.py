@@ -15,7 +15,7 @@ from dppmg.data.imageio import write_image_array
 from dppmg.errors import DppmgError
 from dppmg.scorer import Scorer, build_tiny_scorer
 from stage2_generation import warmstart
-from stage2_generation.generators import build_generators, image_size
+from stage2_generation.generators import build_generators, image_shape
 from stage2_generation.warmstart import (
     IGNORE_INDEX,
     diffusion_loss,
@@ -143,7 +143,7 @@ def test_image_warmstart_lowers_the_loss_and_trains_the_text_encoder(tmp_path: P
     ds = make_dataset(tmp_path)
     gen = build_generators(TINY, list(ds.items["keywords"]), seed=0)
     prompts, images = warmstart.image_warmstart_examples(
-        ds, "{keywords}", image_size(gen.pipe), progress=False
+        ds, "{keywords}", image_shape(gen.pipe), progress=False
     )
     assert images.shape == (12, SIDE, SIDE, 3) and prompts[0] == "red lamp"
     encoder_before = [p.clone() for p in gen.pipe.text_encoder.parameters()]

@@ -50,13 +50,28 @@ def copy_image_files(paths: Sequence[str | None], root: Path, progress: bool = T
     return names
 
 
-def load_image_array(paths: Sequence[str | Path], size: int, progress: bool = True) -> np.ndarray:
-    """Read images as uint8 [N, size, size, 3] (RGB, resized with bicubic filtering; aspect not kept)."""
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+def load_image_array(
+    paths: Sequence[str | Path], size: int | tuple[int, int], progress: bool = True
+) -> np.ndarray:
+    """Read images as uint8 [N, H, W, 3] (RGB, resized with bicubic filtering; aspect not kept).
+
+    `size` is the side of a square, or (height, width).
+    """
+    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
     for i, p in enumerate(tqdm(paths, desc="read images", unit="img", disable=not progress, leave=False)):
         with Image.open(p) as im:
             im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            if im.size != (width, height):  # PIL sizes are (width, height)
+                im = im.resize((width, height), Image.Resampling.BICUBIC)
             out[i] = np.asarray(im)
     return out
+
+
+def load_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """One image as uint8 [H, W, 3] at its own aspect ratio, shrunk so that its longer side is at most `max_side`."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if max_side is not None and max(im.size) > max_side:
+            im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        return np.asarray(im)

@@ -127,8 +127,14 @@ def _write_dataset(
 
         scorer, report = build_scorer(cfg.features.scorer, items["text"].fillna("").tolist(), images, cfg.seed, progress=progress)
         scorer.save(root / "scorer")
-        feats = scorer.encode_images(images).cpu().numpy()
-        _add_features(root, meta, "image", feats, encoder="scorer")
+        if cfg.features.image_encoder == "scorer":
+            _add_features(root, meta, "image", scorer.encode_images(images).cpu().numpy(), encoder="scorer")
+        else:
+            from dppmg.image_encoder import build_image_encoder, encode_image_files
+
+            encoder = build_image_encoder(cfg.features.image_encoder, cfg.features.device)
+            feats = encode_image_files(encoder, [root / p for p in items["image"]], progress)
+            _add_features(root, meta, "image", feats, encoder=encoder.name)
         meta["scorer"] = report
         logger.info(
             "scorer held-out text→image retrieval on %d items: recall@1 %.3f (chance %.3f), recall@5 %.3f (chance %.3f)",
