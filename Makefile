@@ -65,7 +65,7 @@ stage1: $(STAMP) $(NEEDS_MODELS)
 stage2: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) stage2 $(CONFIG) $(ARGS)
 
-bench: bench-data bench-stage1 bench-stage2
+bench: bench-data bench-stage1 bench-stage2 bench-movielens
 
 bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -76,6 +76,10 @@ bench-stage1: $(STAMP) $(NEEDS_MODELS)
 # About 20 minutes on 2 cores: stage 2 twice (cold generator cache, then cached).
 bench-stage2: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_stage2.py $(ARGS)
+
+# MovieLens with posters and the real pretrained parts: stage 1 against LightGCN, then the whole run, timed.
+bench-movielens: models
+	$(PY) benchmarks/bench_movielens.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -117,7 +117,13 @@ def stage1_part(overrides: list[str]) -> None:
 
 def pipeline_part(overrides: list[str]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-movielens-"))
-    common = [str(CONFIG), f"runs_dir={tmp / 'runs'}", f"features.cache_dir={tmp / 'cache'}", "-q", *overrides]
+    common = [
+        str(CONFIG),
+        f"runs_dir={tmp / 'runs'}",
+        f"features.cache_dir={tmp / 'cache'}",
+        "-q",
+        *overrides,
+    ]
     # The dequantized SmolLM2 is shared with `make models` (the cache above starts empty otherwise).
     models = REPO / "data" / "cache" / "models"
     if models.is_dir():
@@ -143,7 +149,10 @@ def pipeline_part(overrides: list[str]) -> None:
     print("| --- " * (len(m["heldout_ci"]) + 4) + "|")
     for metric in metrics:
         cells = [_cell(m["heldout_ci"][c][metric]) for c in m["heldout_ci"]]
-        diffs = [_cell(m["heldout_differences"][k][metric], sign=True) for k in ("rl_minus_none", "grounded_minus_none", "rl_minus_grounded")]
+        diffs = [
+            _cell(m["heldout_differences"][k][metric], sign=True)
+            for k in ("rl_minus_none", "grounded_minus_none", "rl_minus_grounded")
+        ]
         print(f"| {metric} | " + " | ".join(cells + diffs) + " |")
     print("\ntargets:")
     for key, g in m["gains"].items():

@@ -56,10 +56,18 @@ def bootstrap_mean(
 
 
 def paired_difference(
-    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = 0,
 ) -> Interval:
     """mean(a − b) over the pairs where both are finite, with its bootstrap interval."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
-        raise DppmgError(f"paired_difference needs values for the same pairs, got shapes {a.shape} and {b.shape}")
-    return bootstrap_mean(a - b, n_boot, level, seed)  # a NaN on either side makes the difference NaN: left out
+        raise DppmgError(
+            f"paired_difference needs values for the same pairs, got shapes {a.shape} and {b.shape}"
+        )
+    return bootstrap_mean(
+        a - b, n_boot, level, seed
+    )  # a NaN on either side makes the difference NaN: left out

@@ -172,6 +172,12 @@ class Stage1Config:
     probe_heldout_fraction: float = 0.2  # users held out when probing tokens for their true preferences
     overwrite: bool = False  # replace a finished stage 1 of this run_name that had a different config
     device: str = "cpu"  # cpu | cuda | auto
+    # Seeds stage 1's initialisation, sampling and probes; null takes the run's `seed`. Set it to retrain stage 1
+    # on the same dataset (`seed` also seeds the dataset: its splits and scorer), e.g. to measure seed variance.
+    seed: int | None = None
+
+    def resolved_seed(self, run_seed: int) -> int:
+        return run_seed if self.seed is None else self.seed
 
 
 @dataclass
@@ -194,7 +200,9 @@ class GeneratorConfig:
     text_heads: int = 2
     image_pipeline: str | None = None  # Stable-Diffusion pipeline (hub id or folder); None = the tiny one
     image_size: int = 32  # tiny pipeline's width in pixels (and its height unless image_height is set)
-    image_height: int | None = None  # tiny pipeline's height; None = square. Posters are 2:3: 32 wide, 48 high
+    image_height: int | None = (
+        None  # tiny pipeline's height; None = square. Posters are 2:3: 32 wide, 48 high
+    )
     # One UNet level per entry, each halving the side. Cross-attention (with self-attention) sits at the
     # lowest-resolution `unet_attention_levels` levels and in the middle block, never at full resolution:
     # attention at 32 px triples the cost (REFERENCE.md).
@@ -285,6 +293,7 @@ class GroundingConfig:
     # 150 / 300 / 600 steps: 0.061 / 0.090 / 0.090 (BENCHMARKS.md, "Stage 2").
     image_steps: int = 300
     batch_size: int = 32
+    text_batch_size: int = 0  # examples per text step; 0 = batch_size (a real LLM's step costs far more)
     # Target tokens of an item text the LM loss counts (the rest is cut); 0 = all. A real LLM's step costs in
     # proportion to the sequence, and it never writes more than generation.max_new_tokens anyway.
     text_max_tokens: int = 0
@@ -572,6 +581,7 @@ def _validate_stage2(s2: Stage2Config) -> None:
         ("grounding.image_steps", g.image_steps, 0),
         ("grounding.batch_size", g.batch_size, 1),
         ("grounding.text_max_tokens", g.text_max_tokens, 0),
+        ("grounding.text_batch_size", g.text_batch_size, 0),
         ("rl.iterations", r.iterations, 0),
         ("rl.pairs_per_round", r.pairs_per_round, 1),
         ("rl.minibatch_size", r.minibatch_size, 1),

@@ -39,7 +39,9 @@ def as_pixels01(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1] → float [N, 3, H, W] in [0, 1]."""
     x = torch.as_tensor(images)
     if x.ndim != 4:
-        raise DppmgError(f"images must be a batch [N, H, W, 3] uint8 or [N, 3, H, W] float, got {tuple(x.shape)}")
+        raise DppmgError(
+            f"images must be a batch [N, H, W, 3] uint8 or [N, 3, H, W] float, got {tuple(x.shape)}"
+        )
     if x.dtype == torch.uint8:
         if x.shape[-1] != 3:
             raise DppmgError(f"uint8 images must be [N, H, W, 3], got {tuple(x.shape)}")
@@ -62,11 +64,15 @@ class EfficientNetEncoder:
     name = EFFICIENTNET
     dim = 1280
 
-    def __init__(self, weights: str | Path | None = "packaged", device: str = "cpu", input_side: int = INPUT_SIDE):
+    def __init__(
+        self, weights: str | Path | None = "packaged", device: str = "cpu", input_side: int = INPUT_SIDE
+    ):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
-            raise DppmgError(f"image encoder {EFFICIENTNET!r} needs the package efficientnet-lite-pytorch: {MAKE_MODELS}") from None
+            raise DppmgError(
+                f"image encoder {EFFICIENTNET!r} needs the package efficientnet-lite-pytorch: {MAKE_MODELS}"
+            ) from None
         self.device = resolve_device(device)
         self.input_side = int(input_side)
         self.model = EfficientNet.from_name(EFFICIENTNET)
@@ -98,12 +104,18 @@ class EfficientNetEncoder:
         return F.normalize(fmap.mean(dim=(2, 3)), dim=-1)
 
     @torch.inference_mode()
-    def encode(self, images: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    def encode(
+        self, images: np.ndarray | torch.Tensor, batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
         """float32 [N, 1280] for uint8 [N, H, W, 3] (or float [N, 3, H, W] in [0, 1]) images, in batches."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="EfficientNet features", unit="batch", disable=not progress, leave=False):
-            out[start : start + batch_size] = self.features(as_pixels01(images[start : start + batch_size])).cpu().numpy()
+        for start in tqdm(
+            starts, desc="EfficientNet features", unit="batch", disable=not progress, leave=False
+        ):
+            out[start : start + batch_size] = (
+                self.features(as_pixels01(images[start : start + batch_size])).cpu().numpy()
+            )
         return out
 
 
@@ -112,7 +124,9 @@ def encode_image_files(
 ) -> np.ndarray:
     """float32 [N, dim] features of image files, read `chunk` at a time (a large catalogue never sits in memory)."""
     out = np.zeros((len(paths), encoder.dim), dtype=np.float32)
-    bar = tqdm(total=len(paths), desc=f"{encoder.name} features", unit="img", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(paths), desc=f"{encoder.name} features", unit="img", disable=not progress, leave=False
+    )
     for start in range(0, len(paths), chunk):
         images = load_image_array(paths[start : start + chunk], encoder.input_side, progress=False)
         out[start : start + len(images)] = encoder.encode(images)

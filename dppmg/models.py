@@ -144,7 +144,9 @@ def resolve_causal_lm(name: str | Path) -> ModelSource:
     if path.is_dir():
         return ModelSource(text, "folder", str(path))
     if path.exists():
-        raise DppmgError(f"text model {text!r} is a file but not a .gguf file; expected a model folder, a GGUF file or a hub id")
+        raise DppmgError(
+            f"text model {text!r} is a file but not a .gguf file; expected a model folder, a GGUF file or a hub id"
+        )
     if isinstance(name, Path) or not HUB_ID.match(text):
         raise DppmgError(f"text model not found: {text} (no such folder or file)")
     return ModelSource(text, "hub", text)
@@ -177,7 +179,11 @@ def load_causal_lm(
             tokenizer = AutoTokenizer.from_pretrained(location)
             model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype])
     except (OSError, ValueError, KeyError, struct.error) as e:  # struct.error: a GGUF cut in its header
-        hint = " (name a local folder, a GGUF file or a packaged model, or allow the hub)" if source.kind == "hub" else ""
+        hint = (
+            " (name a local folder, a GGUF file or a packaged model, or allow the hub)"
+            if source.kind == "hub"
+            else ""
+        )
         raise DppmgError(f"cannot load the text model {source.name!r}{hint}: {_first_line(e)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -201,9 +207,13 @@ def _dequantized(gguf: Path, cache_dir: str | Path) -> Path:
     logger.info("dequantizing %s into %s (once; later loads read the folder)", gguf.name, folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:
-        raise DppmgError(f"{gguf}: cannot read the GGUF file (truncated or not a model transformers knows?): {_first_line(e)}") from None
+        raise DppmgError(
+            f"{gguf}: cannot read the GGUF file (truncated or not a model transformers knows?): {_first_line(e)}"
+        ) from None
     config = copy.deepcopy(quantized.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -244,7 +254,9 @@ def prepare_models(cache_dir: str | Path, names: list[str] | None = None) -> lis
             folder = _dequantized(Path(source.location), cache_dir)
             rows.append({"name": source.name, "kind": "causal_lm", "ready": str(folder)})
         else:
-            rows.append({"name": source.name, "kind": "causal_lm", "ready": f"{source.kind}: {source.location}"})
+            rows.append(
+                {"name": source.name, "kind": "causal_lm", "ready": f"{source.kind}: {source.location}"}
+            )
     return rows
 
 

@@ -362,7 +362,11 @@ def build_tiny_scorer(cfg: ScorerConfig, texts: Sequence[str]) -> Scorer:
     tokenizer = build_tokenizer(texts, cfg.max_vocab, cfg.max_text_length)
     model = build_tiny_clip(cfg, tokenizer)
     return Scorer(
-        model, tokenizer, image_size=cfg.image_size, max_text_length=cfg.max_text_length, kind="tiny",
+        model,
+        tokenizer,
+        image_size=cfg.image_size,
+        max_text_length=cfg.max_text_length,
+        kind="tiny",
         resize="squash",
     )
 

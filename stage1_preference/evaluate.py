@@ -277,7 +277,9 @@ def keyword_recovery(
     for m, vecs in token_vecs.items():
         x = vecs.detach().float().cpu()[torch.as_tensor(active)]
         per_keyword = {
-            k: _probe_accuracy(x[fit], y[fit], x[held], y[held]) for k, y in above.items() if y[fit].unique().numel() > 1
+            k: _probe_accuracy(x[fit], y[fit], x[held], y[held])
+            for k, y in above.items()
+            if y[fit].unique().numel() > 1
         }
         result[m] = {
             "top": _probe_accuracy(x[fit], top[fit], x[held], top[held]),

@@ -73,7 +73,7 @@ class Stage1Trainer:
         ).to(self.device)
         feats = {m: torch.tensor(np.asarray(ds.features[m]), dtype=torch.float32) for m in self.modalities}
         if cfg.text_specific and {"text", "image"} <= feats.keys():
-            feats["text"] = residualize(feats["text"], feats["image"])
+            feats["text"] = residualize(feats["text"], feats["image"], seed=seed)
         knn = (
             {m: build_knn_graph(f, cfg.knn_k).to(self.device) for m, f in feats.items()}
             if cfg.knn_k > 0
@@ -227,7 +227,9 @@ class Stage1Trainer:
 
 def stage1_fingerprint(cfg: Config, content_hash: str) -> str:
     s1 = {k: v for k, v in to_dict(cfg.stage1).items() if k not in ("overwrite", "device")}
-    blob = json.dumps({"stage1": s1, "seed": cfg.seed, "dataset": content_hash}, sort_keys=True)
+    blob = json.dumps(
+        {"stage1": s1, "seed": cfg.stage1.resolved_seed(cfg.seed), "dataset": content_hash}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -240,7 +242,7 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
     out = begin_stage(cfg, "stage1", fingerprint, cfg.stage1.overwrite)
     if out is None:
         return cfg.run_dir / "stage1"
-    trainer = Stage1Trainer(ds, cfg.stage1, cfg.seed)
+    trainer = Stage1Trainer(ds, cfg.stage1, cfg.stage1.resolved_seed(cfg.seed))
     ckpt, best = out / "checkpoint.pt", out / "best.pt"
     if ckpt.is_file():
         sd = torch.load(ckpt, weights_only=False)
@@ -319,7 +321,7 @@ def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerp
     sd = torch.load(best, weights_only=False)
     trainer.model.load_state_dict(sd["model"])
     trainer.quantizer.load_state_dict(sd["quantizer"])
-    ds, s1 = trainer.ds, cfg.stage1
+    ds, s1, seed = trainer.ds, cfg.stage1, trainer.seed
     emb, codes, decoded = trainer.embeddings()
     cont = full_ranking_metrics(emb.users, emb.items, ds.interactions, "test", s1.ks)
     quant = full_ranking_metrics({**emb.users, **decoded}, emb.items, ds.interactions, "test", s1.ks)
@@ -341,17 +343,19 @@ def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerp
     )
     token_vecs = {m: decoded[m].cpu() for m in trainer.modalities}
     if any(c.startswith("pref_") for c in ds.users.columns):
-        metrics["preference_recovery"] = preference_recovery(token_vecs, ds.users, s1.probe_heldout_fraction, cfg.seed)
+        metrics["preference_recovery"] = preference_recovery(
+            token_vecs, ds.users, s1.probe_heldout_fraction, seed
+        )
     else:  # real data: no true tastes, but the items' keywords (MovieLens: genres) say what a user watches
         metrics["keyword_recovery"] = keyword_recovery(
-            token_vecs, ds.items, ds.split("train"), ds.num_users, s1.probe_heldout_fraction, cfg.seed
+            token_vecs, ds.items, ds.split("train"), ds.num_users, s1.probe_heldout_fraction, seed
         )
     metrics["dataset"] = {"name": ds.meta.get("name"), "content_hash": ds.meta["content_hash"]}
     metrics["fingerprint"] = fingerprint
     codebooks = {m: trainer.quantizer.codebooks(m).detach().cpu() for m in trainer.modalities}
     codes = {m: c.cpu() for m, c in codes.items()}
     if s1.collision_level:
-        codebooks, codes = _add_collision_level(codebooks, codes, cfg.seed)
+        codebooks, codes = _add_collision_level(codebooks, codes, seed)
         metrics["token_levels"] = {m: c.shape[1] for m, c in codes.items()}
     save_token_checkpoint(
         out / "tokens",

@@ -302,7 +302,9 @@ def _tiny_unet(cfg: GeneratorConfig, cross_attention_dim: int) -> UNet2DConditio
     attended = cfg.unet_attention_levels
     plain = len(cfg.unet_channels) - attended  # the high-resolution levels, without attention
     return UNet2DConditionModel(
-        sample_size=cfg.image_size if cfg.image_height in (None, cfg.image_size) else (cfg.image_height, cfg.image_size),
+        sample_size=cfg.image_size
+        if cfg.image_height in (None, cfg.image_size)
+        else (cfg.image_height, cfg.image_size),
         in_channels=3,  # RGB in pixel space
         out_channels=3,
         block_out_channels=tuple(cfg.unet_channels),

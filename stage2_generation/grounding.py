@@ -87,7 +87,11 @@ def text_loss(
     lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
     examples = list(zip(policy.text_prompts(pairs), texts))
     batch = text_batch(
-        tokenizer, examples, _max_positions(lm, tokenizer), target_separator(policy.prompts), max_target_tokens
+        tokenizer,
+        examples,
+        _max_positions(lm, tokenizer),
+        target_separator(policy.prompts),
+        max_target_tokens,
     )
     device = next(lm.parameters()).device
     out = lm(**{k: v.to(device) for k, v in batch.items()})
@@ -110,10 +114,12 @@ def fit(
     num_examples: int,
     cfg: GroundingConfig,
     steps: int,
+    batch_size: int,
     seed: int,
     progress: bool,
 ) -> dict[str, float]:
-    """Run `steps` AdamW steps of `loss_fn(batch indices, generator)` on `params`; returns loss statistics.
+    """Run `steps` AdamW steps of `loss_fn(batch indices, generator)` on `params`, `batch_size` examples each;
+    returns loss statistics.
 
     A non-finite loss or gradient skips its step (counted in "skipped") instead of corrupting the parameters.
     """
@@ -124,7 +130,7 @@ def fit(
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"grounding {name}", disable=not progress)
     for _ in bar:
-        picks = torch.randint(num_examples, (min(cfg.batch_size, num_examples),), generator=rng).numpy()
+        picks = torch.randint(num_examples, (min(batch_size, num_examples),), generator=rng).numpy()
         loss = loss_fn(picks, rng)
         value = float(loss.detach())
         if not guarded_step(loss, params, optimizer, cfg.max_grad_norm):
@@ -177,11 +183,14 @@ def ground(
 
             def text_fn(picks: np.ndarray, _: torch.Generator) -> torch.Tensor:
                 chosen = [usable[i] for i in picks]
-                return text_loss(policy, chosen, [texts.iat[p.item] for p in chosen], cfg.text_max_tokens or None)
+                return text_loss(
+                    policy, chosen, [texts.iat[p.item] for p in chosen], cfg.text_max_tokens or None
+                )
 
             report["text"] = fit(
-                "text", text_fn, policy.parameters("text"), len(usable), cfg, cfg.text_steps, seed, progress
-            )
+                "text", text_fn, policy.parameters("text"), len(usable), cfg, cfg.text_steps,
+                cfg.text_batch_size or cfg.batch_size, seed, progress,
+            )  # fmt: skip
             report["text"]["interactions"] = len(usable)
             logger.info("grounding text: loss %.3f → %.3f in %.0f s", *_line(report["text"]))
     has_image = ds.items["image"].notna().to_numpy()
@@ -208,6 +217,7 @@ def ground(
             len(usable),
             cfg,
             cfg.image_steps,
+            cfg.batch_size,
             seed + 1,
             progress,
         )

@@ -99,7 +99,9 @@ class ImageJudge:
             if cached.is_file():
                 features = np.load(cached)
             else:
-                logger.info("image judge: encoding %d item images with %s (cached in %s)", len(rows), name, cached)
+                logger.info(
+                    "image judge: encoding %d item images with %s (cached in %s)", len(rows), name, cached
+                )
                 features[rows] = encode_image_files(encoder, paths, progress)
                 with atomic_path(cached) as tmp, open(tmp, "wb") as f:
                     np.save(f, features)

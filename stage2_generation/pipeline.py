@@ -311,7 +311,14 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
 
     def evaluate(personalized: bool) -> Generated:
         return evaluate_condition(
-            policy, rewarder, pairs, cfg, personalized, judge=judge, progress=progress, image_judge=image_judge
+            policy,
+            rewarder,
+            pairs,
+            cfg,
+            personalized,
+            judge=judge,
+            progress=progress,
+            image_judge=image_judge,
         )
 
     logger.info(
@@ -475,7 +482,8 @@ def heldout_intervals(evals: dict[str, Generated], seed: int) -> tuple[dict[str,
     """95 % bootstrap intervals over the held-out pairs: of every per-pair metric's mean per condition, and of
     the paired differences between conditions ("rl_minus_none", ...), each marked significant or not."""
     ci = {
-        c: {m: bootstrap_mean(v, seed=seed).as_dict() for m, v in evals[c].per_pair.items()} for c in CONDITIONS
+        c: {m: bootstrap_mean(v, seed=seed).as_dict() for m, v in evals[c].per_pair.items()}
+        for c in CONDITIONS
     }
     diffs = {
         f"{a}_minus_{b}": {

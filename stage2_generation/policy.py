@@ -110,7 +110,10 @@ class Policy:
     def text_prompts(self, pairs: Sequence[Pair], personalized: bool = True) -> list[str]:
         """The LM prompts; with `text_chat`, each is the user turn of the tokenizer's chat template."""
         cfg = self.prompts
-        prompts = [fill_prompt(cfg.text_prompt, p.keywords, self._tokens(p.user, "text", personalized)) for p in pairs]
+        prompts = [
+            fill_prompt(cfg.text_prompt, p.keywords, self._tokens(p.user, "text", personalized))
+            for p in pairs
+        ]
         if cfg.text_chat:
             prompts = [chat_prompt(self.gen.lm_tokenizer, p, cfg.text_system) for p in prompts]
         return prompts

@@ -93,7 +93,9 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, message: str, system: str = 
             f"stage2.warmstart.text_chat is true, but the text model's tokenizer ({type(tokenizer).__name__}) has "
             "no chat template; set text_chat=false or use an instruction model"
         )
-    turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": message}]
+    turns = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": message}
+    ]
     text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:

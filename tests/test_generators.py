@@ -19,6 +19,7 @@ from stage2_generation.generators import (
     build_tiny_lm,
     generate_images,
     generate_texts,
+    image_shape,
     load_generators,
     load_image_pipeline,
     load_text_generator,
@@ -272,6 +273,29 @@ def test_save_refuses_generators_with_injected_tokens(tmp_path: Path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_non_square_pipeline_makes_and_saves_images_of_its_shape(tmp_path: Path):
+    tall = dataclasses.replace(TINY, image_size=16, image_height=24)  # 2:3, like a poster
+    gen = build_generators(tall, TEXTS, seed=0)
+    assert image_shape(gen.pipe) == (24, 16)
+    images = generate_images(gen.pipe, PROMPTS, steps=2, guidance=1.0, progress=False)
+    assert images.shape == (3, 24, 16, 3) and images.dtype == np.uint8
+    assert generate_images(gen.pipe, [], steps=2, progress=False).shape == (0, 24, 16, 3)
+    loaded = load_generators(save_generators(gen, tmp_path / "tall"))
+    assert image_shape(loaded.pipe) == (24, 16)
+    again = generate_images(loaded.pipe, PROMPTS, steps=2, guidance=1.0, progress=False)
+    assert np.array_equal(images, again)
+
+
+def test_a_named_text_model_is_not_copied_into_a_saved_folder_and_loads_by_name(
+    gen: Generators, saved: Path, tmp_path: Path
+):
+    folder = save_generators(gen, tmp_path / "by-name", text_source=str(saved / "text"))
+    assert not (folder / "text").exists()
+    loaded = load_generators(folder)
+    ids = torch.tensor([[2, 10, 11]])
+    assert torch.equal(loaded.lm(ids).logits, gen.lm(ids).logits)
+
+
 def test_tiny_image_pipeline_needs_texts():
     with pytest.raises(DppmgError, match="non-empty"):
         build_tiny_image_pipeline([], TINY)
@@ -294,6 +318,9 @@ def test_tiny_image_pipeline_needs_texts():
         # With no attention level the middle block still attends, at the last level's width.
         ({"unet_attention_levels": 0, "unet_channels": [32, 64, 90]}, "divide the channels \\[90\\]"),
         ({"prediction_type": "x0"}, "prediction_type"),
+        ({"image_height": 20}, "image_height \\(20\\) must be a multiple of 8"),
+        ({"image_height": 0}, "image_height must be >= 1"),
+        ({"dtype": "float64"}, "dtype"),
     ],
 )
 def test_config_rejects_bad_generator_sizes(changes: dict, message: str):

@@ -11,12 +11,15 @@ import torch
 from dppmg.cli import main
 from dppmg.config import load_config
 from dppmg.errors import DppmgError
+from dppmg.image_encoder import EfficientNetEncoder
 from dppmg.io import read_json
 from stage1_preference.train import run_stage1
+from stage2_generation import judges as judges_mod
 from stage2_generation import pipeline as pipeline_mod
 from stage2_generation import rl as rl_mod
 from stage2_generation.evaluate import heldout_pairs, split_users
 from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs, typical_pairs
+from stage2_generation.judges import IMAGE_JUDGE_METRICS
 from stage2_generation.pipeline import CONDITIONS, load_components, run_stage2
 from stage2_generation.policy import Pair, completion_log_probs, sample_texts
 from stage2_generation.rewards import METRIC_NAMES, RewardResult
@@ -253,6 +256,42 @@ def test_stage2_writes_the_contract(finished):
     assert (out / "export" / "image" / "learned_embeds.safetensors").is_file()
     assert (out / "export" / "text" / "token_rows.safetensors").is_file()
     assert (out / "tokens.safetensors").is_file() and (out / "config.yaml").is_file()
+
+
+def test_the_image_judge_and_the_intervals_reach_metrics_json(world, monkeypatch):
+    """With stage2.generation.image_judge set, every condition gets the judge's metrics, each metric a 95 %
+    interval over the pairs, each pair of conditions a paired difference, and the real-data targets."""
+    tmp, _ = world
+    cfg = cfg_for(tmp, "run_name=judged", "stage2.generation.image_judge=efficientnet-lite0")
+    run_stage1(cfg, progress=False)
+    # The untrained stand-in at a small input (the real weights are tested in test_real_models.py).
+    monkeypatch.setattr(
+        judges_mod, "build_image_encoder", lambda name, device="cpu": EfficientNetEncoder(None, input_side=32)
+    )
+    out = run_stage2(cfg, progress=False)
+    m = read_json(out / "metrics.json")
+    rows = [json.loads(line) for line in (out / "generations" / "generations.jsonl").read_text().splitlines()]
+    for cond in CONDITIONS:
+        for metric in IMAGE_JUDGE_METRICS:
+            assert np.isfinite(m["heldout"][cond][metric]), (cond, metric)
+            ci = m["heldout_ci"][cond][metric]
+            assert ci["low"] <= ci["mean"] <= ci["high"] and ci["n"] == 4
+            assert ci["mean"] == pytest.approx(m["heldout"][cond][metric])
+    # The paired difference is the mean of the per-pair differences written in generations.jsonl.
+    per_pair = {(r["condition"], r["user_idx"]): r["scores"] for r in rows}
+    users = sorted({r["user_idx"] for r in rows})
+    for metric in ("judge_history_all", "personalization_text"):
+        expected = np.mean([per_pair["rl", u][metric] - per_pair["none", u][metric] for u in users])
+        diff = m["heldout_differences"]["rl_minus_none"][metric]
+        assert diff["mean"] == pytest.approx(expected) and diff["significant"] == (
+            diff["low"] > 0 or diff["high"] < 0
+        )
+    assert set(m["heldout_differences"]) == {"grounded_minus_none", "rl_minus_none", "rl_minus_grounded"}
+    judge = m["gains"]["judge_personalization_rl_over_none"]
+    assert judge["met"] == (judge["ci"][0] > 0) and judge["value"] == pytest.approx(
+        m["heldout_differences"]["rl_minus_none"]["judge_history_all"]["mean"]
+    )
+    assert "personalization_text_rl_over_none" in m["gains"]
 
 
 def test_rerun_is_a_no_op_and_another_config_needs_overwrite(finished, monkeypatch):

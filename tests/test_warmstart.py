@@ -18,7 +18,10 @@ from stage2_generation import warmstart
 from stage2_generation.generators import build_generators, image_shape
 from stage2_generation.warmstart import (
     IGNORE_INDEX,
+    chat_prompt,
     diffusion_loss,
+    fill_prompt,
+    target_separator,
     text_batch,
     text_warmstart_examples,
     train_image_warmstart,
@@ -79,6 +82,48 @@ def _one_thread() -> None:
 def test_examples_pair_keywords_with_text_and_skip_items_without_text() -> None:
     items = pd.DataFrame({"keywords": ["red lamp", None, "blue clock"], "text": ["A red lamp.", "x", None]})
     assert text_warmstart_examples(items) == [("red lamp:", "A red lamp."), (":", "x")]
+
+
+def test_tokens_go_where_the_template_says_else_first() -> None:
+    assert fill_prompt("{keywords}:", "red lamp", "<pt_0_1>") == "<pt_0_1>red lamp:"
+    assert (
+        fill_prompt("A fan of {tokens} wants a {keywords}.", "lamp", "<pt_0_1>")
+        == "A fan of <pt_0_1> wants a lamp."
+    )
+    assert fill_prompt("{keywords}:", None) == ":"
+    hinted = text_warmstart_examples(
+        pd.DataFrame({"keywords": ["lamp"], "text": ["A walnut lamp."]}), "I like {tokens}. {keywords}:", 1, 1
+    )
+    assert hinted[1] == ("I like walnut . lamp:", "A walnut lamp.")
+
+
+def test_chat_prompts_wrap_the_message_and_need_a_chat_template() -> None:
+    tok = build_generators(TINY, ["A red lamp for the home.", "red lamp"], seed=0).lm_tokenizer
+    with pytest.raises(DppmgError, match="no chat template"):
+        chat_prompt(tok, "red lamp:")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    assert chat_prompt(tok, "red lamp:", "Be brief.") == "<system>Be brief.</s><user>red lamp:</s><assistant>"
+    assert chat_prompt(tok, "red lamp:") == "<user>red lamp:</s><assistant>"
+    assert (
+        target_separator(WarmStartConfig(text_chat=True)) == "" and target_separator(WarmStartConfig()) == " "
+    )
+    # The template's BOS is dropped when encoding adds one anyway (the tiny tokenizer prepends [BOS]).
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert chat_prompt(tok, "red lamp:") == "red lamp:"
+    assert tok(chat_prompt(tok, "red lamp:"))["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_a_target_is_cut_at_max_target_tokens() -> None:
+    tok = build_generators(TINY, ["A red lamp for the home.", "red lamp"], seed=0).lm_tokenizer
+    full = text_batch(tok, [("red lamp:", "A red lamp for the home.")], max_length=32)
+    cut = text_batch(tok, [("red lamp:", "A red lamp for the home.")], max_length=32, max_target_tokens=3)
+    assert (full["labels"] != -100).sum() > 3 and (cut["labels"] != -100).sum() == 3
+    glued = text_batch(tok, [("red lamp:", "A red lamp.")], max_length=32, separator="")
+    spaced = text_batch(tok, [("red lamp:", "A red lamp.")], max_length=32)
+    assert not torch.equal(glued["input_ids"], spaced["input_ids"])
 
 
 def test_hinted_examples_prefix_words_of_the_items_own_text() -> None:
