@@ -624,6 +624,9 @@ def _write_gallery(
 
     rewarder_history = user_histories(ds)
     entries = []
+    # The reward's terms, and the image judge's history and target similarities when it ran.
+    judged = [m for m in ("judge_history_all", "judge_target") if m in state.evals["rl"].per_pair]
+    shown = (*METRIC_NAMES, TOTAL_KEY, *judged)
 
     def item(i: int) -> Shown:
         p = ds.image_path(i)
@@ -636,7 +639,7 @@ def _write_gallery(
         history = [item(int(i)) for i in rewarder_history.get(p.user, [])]
         gens = {LABELS[c]: Shown(state.evals[c].texts[k], state.evals[c].images[k]) for c in CONDITIONS}
         scores = {
-            LABELS[c]: {m: state.evals[c].per_pair[m][k] for m in (*METRIC_NAMES, TOTAL_KEY)}
+            LABELS[c]: {m: state.evals[c].per_pair[m][k] for m in shown}
             for c in CONDITIONS
         }
         entries.append(
@@ -649,7 +652,7 @@ def _write_gallery(
                 scores,
             )
         )
-    summary = {LABELS[c]: {m: heldout[c][m] for m in (*METRIC_NAMES, TOTAL_KEY)} for c in CONDITIONS}
+    summary = {LABELS[c]: {m: heldout[c][m] for m in shown} for c in CONDITIONS}
     notes = (
         f"Run {cfg.run_name}: held-out users (never used for grounding or RL), target = their test item's keywords. "
         f"Means over {len(pairs)} held-out pairs; the same pairs, seeds and noise for every condition."
