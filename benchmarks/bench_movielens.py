@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_stage2 import run  # the same process timing; a script has its own folder on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "movielens-posters.yaml"
@@ -43,17 +43,6 @@ LIGHTGCN_GRID = {"lr": [1e-3, 5e-3], "reg_weight": [1e-4, 1e-3]}
 OURS_REG_GRID = (1e-4, 1e-3)  # stage1.reg_weight; lr stays the config's
 TARGET_RATIO = 1.15
 TARGET_QUANTIZED = 0.95
-
-
-def run(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak resident GB) of one command in its own process; raises when it fails."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=REPO)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(args)}")
-    return seconds, usage.ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
 
 
 def stage1_part(overrides: list[str], seeds: list[int]) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dppmg.data.imageio import load_image_array
+from dppmg.data.imageio import as_pixels01, load_image_array
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.models import MAKE_MODELS, packaged
@@ -33,22 +33,6 @@ from dppmg.models import MAKE_MODELS, packaged
 EFFICIENTNET = "efficientnet-lite0"
 INPUT_SIDE = 224
 MEAN, STD = 0.498, 0.502  # per channel, all three
-
-
-def as_pixels01(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1] → float [N, 3, H, W] in [0, 1]."""
-    x = torch.as_tensor(images)
-    if x.ndim != 4:
-        raise DppmgError(
-            f"images must be a batch [N, H, W, 3] uint8 or [N, 3, H, W] float, got {tuple(x.shape)}"
-        )
-    if x.dtype == torch.uint8:
-        if x.shape[-1] != 3:
-            raise DppmgError(f"uint8 images must be [N, H, W, 3], got {tuple(x.shape)}")
-        return x.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[1] != 3:
-        raise DppmgError(f"float images must be [N, 3, H, W] in [0, 1], got {tuple(x.shape)}")
-    return x.float()
 
 
 class EfficientNetEncoder:

@@ -43,6 +43,7 @@ from transformers import (
 from transformers.utils import cached_file
 
 from dppmg.config import ScorerConfig
+from dppmg.data.imageio import as_pixels01
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.io import commit_dir, read_json, staging_dir, write_json
@@ -165,20 +166,7 @@ class Scorer:
 
     def pixels01(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1] → float (N, 3, H, W) in [0, 1] on the model's device."""
-        x = torch.as_tensor(images)
-        if x.ndim != 4:
-            raise ValueError(
-                f"images must be a batch, (N, H, W, 3) uint8 or (N, 3, H, W) float; got shape {tuple(x.shape)}"
-            )
-        if x.dtype == torch.uint8:
-            if x.shape[-1] != 3:
-                raise ValueError(f"uint8 images must be (N, H, W, 3); got shape {tuple(x.shape)}")
-            x = x.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        else:
-            if x.shape[1] != 3:
-                raise ValueError(f"float images must be (N, 3, H, W) in [0, 1]; got shape {tuple(x.shape)}")
-            x = x.to(self.device, torch.float32)
-        return x
+        return as_pixels01(images, self.device)
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """float (N, 3, H, W) in [0, 1] → (N, 3, S, S) normalised for the image tower; differentiable.

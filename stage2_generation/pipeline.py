@@ -638,10 +638,7 @@ def _write_gallery(
     for k, p in enumerate(pairs[: cfg.stage2.generation.gallery_users]):
         history = [item(int(i)) for i in rewarder_history.get(p.user, [])]
         gens = {LABELS[c]: Shown(state.evals[c].texts[k], state.evals[c].images[k]) for c in CONDITIONS}
-        scores = {
-            LABELS[c]: {m: state.evals[c].per_pair[m][k] for m in shown}
-            for c in CONDITIONS
-        }
+        scores = {LABELS[c]: {m: state.evals[c].per_pair[m][k] for m in shown} for c in CONDITIONS}
         entries.append(
             GalleryEntry(
                 _user_id(ds, p.user),

@@ -31,7 +31,9 @@ def test_the_predictable_part_is_removed_and_the_private_part_kept():
     assert fit is not None and fit.r2 > 0.3  # a quarter of the text is the shared part
     # What is left is the private part: the first six columns lose the shared signal, the last six stay.
     shared_left = out[:, :6].square().sum() / (text[:, :6] - text[:, :6].mean(0)).square().sum()
-    kept = torch.nn.functional.cosine_similarity(out[:, 6:].flatten(), (private - private.mean(0)).flatten(), dim=0)
+    kept = torch.nn.functional.cosine_similarity(
+        out[:, 6:].flatten(), (private - private.mean(0)).flatten(), dim=0
+    )
     assert shared_left < 0.1 and kept > 0.95
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_generate_never_emits
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -321,13 +322,7 @@ def test_generate_never_emits_a_preference_token(ckpt):
     old = torch.arange(len(WORDS))
     assert torch.equal(out.logits[..., old], unmasked[..., old])
 
-    attention = torch.ones_like(ids)
-    greedy = model.generate(ids, attention_mask=attention, max_new_tokens=6, do_sample=False)
-    torch.manual_seed(0)
-    sampled = model.generate(ids, attention_mask=attention, max_new_tokens=6, do_sample=True, top_k=0)
-    for seq in (greedy, sampled):
-        assert seq.shape[1] > ids.shape[1]
-        assert not new & set(seq[0, ids.shape[1] :].tolist())
+    assert_generate_never_emits(model, ids, new)
 
 
 # --- refusing a checkpoint that does not fit --------------------------------------------------------------

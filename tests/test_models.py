@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import assert_generate_never_emits, text_token_checkpoint
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -34,7 +35,7 @@ from dppmg.models import (
     prepare_models,
     resolve_causal_lm,
 )
-from dppmg.tokens import TokenCheckpoint, save_token_checkpoint
+from dppmg.tokens import TokenCheckpoint
 from stage2_generation.injection import MASKED_LOGIT, inject_tokens, trainable_parameters
 
 # The tiny Llama, shaped like SmolLM2: tied embeddings, grouped-query attention, ChatML special tokens 0, 1, 2.
@@ -412,18 +413,7 @@ HASH = "0123456789abcdef"
 
 @pytest.fixture
 def ckpt(tmp_path) -> TokenCheckpoint:
-    levels, size, dim = TOKEN_SIZES
-    g = torch.Generator().manual_seed(0)
-    save_token_checkpoint(
-        tmp_path / "tokens",
-        codebooks={"text": torch.randn(levels, size, dim, generator=g)},
-        codes={"text": torch.tensor(USER_CODES)},
-        user_vectors={"text": torch.randn(len(USER_CODES), dim, generator=g)},
-        user_ids=[f"u{i}" for i in range(len(USER_CODES))],
-        dataset={"name": "tiny", "path": str(tmp_path / "none"), "content_hash": HASH},
-        config={},
-    )
-    return TokenCheckpoint.load(tmp_path / "tokens")
+    return text_token_checkpoint(tmp_path / "tokens", *TOKEN_SIZES, USER_CODES, HASH)
 
 
 @pytest.fixture
@@ -498,13 +488,7 @@ def test_generate_on_a_llama_never_emits_a_preference_token(injected, ckpt):
     unmasked = out.hidden_states[-1] @ model.lm_head.weight.T  # [1, T, V]
     assert int(unmasked[0, -1].argmax()) in new
 
-    attention = torch.ones_like(ids)
-    greedy = model.generate(ids, attention_mask=attention, max_new_tokens=6, do_sample=False)
-    torch.manual_seed(0)
-    sampled = model.generate(ids, attention_mask=attention, max_new_tokens=6, do_sample=True, top_k=0)
-    for seq in (greedy, sampled):
-        assert seq.shape[1] > ids.shape[1]
-        assert not new & set(seq[0, ids.shape[1] :].tolist())
+    assert_generate_never_emits(model, ids, new)
 
 
 # --- the image encoder's feature path, untrained ---------------------------------------------------------

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import text_token_checkpoint
 from transformers import LlamaForCausalLM
 
 from dppmg.config import WarmStartConfig
 from dppmg.image_encoder import MEAN, STD, EfficientNetEncoder, as_pixels01, build_image_encoder
 from dppmg.models import SOURCE_FILE, dequantized_folder, load_causal_lm, packaged
-from dppmg.tokens import TokenCheckpoint, save_token_checkpoint
 from stage2_generation.generators import generate_texts
 from stage2_generation.injection import MASKED_LOGIT, inject_tokens, trainable_parameters
 from stage2_generation.warmstart import IGNORE_INDEX, chat_prompt, guarded_step, target_separator, text_batch
@@ -50,19 +50,7 @@ def smollm():
 def personalized(smollm, tmp_path_factory):
     """SmolLM2 with a small random text-token checkpoint injected, and copies of some base weights from before."""
     model, tokenizer = smollm
-    levels, size, dim = TOKEN_SIZES
-    folder = tmp_path_factory.mktemp("tokens")
-    g = torch.Generator().manual_seed(0)
-    save_token_checkpoint(
-        folder,
-        codebooks={"text": torch.randn(levels, size, dim, generator=g)},
-        codes={"text": torch.tensor(USER_CODES)},
-        user_vectors={"text": torch.randn(len(USER_CODES), dim, generator=g)},
-        user_ids=[f"u{i}" for i in range(len(USER_CODES))],
-        dataset={"name": "tiny", "path": str(folder / "none"), "content_hash": HASH},
-        config={},
-    )
-    ckpt = TokenCheckpoint.load(folder)
+    ckpt = text_token_checkpoint(tmp_path_factory.mktemp("tokens"), *TOKEN_SIZES, USER_CODES, HASH)
     base = {
         "embed": model.model.embed_tokens.weight,
         "q_proj.0": model.model.layers[0].self_attn.q_proj.weight,
@@ -225,3 +213,16 @@ def test_efficientnet_classifier_names_checkerboards(efficientnet):
         probs = efficientnet.model((x - MEAN) / STD).softmax(dim=-1)  # [2, 1000]
     assert probs.argmax(dim=-1).tolist() == [918, 904]
     assert (probs.max(dim=-1).values > 0.2).all()
+
+
+def test_models_prepare_reports_every_packaged_model_ready(capsys):
+    """`dppmg models prepare` (what `make models` runs) finds SmolLM2's prepared folder and EfficientNet's weights."""
+    require(SMOLLM.module)
+    from dppmg.cli import main
+
+    assert main(["models", "prepare", f"features.cache_dir={CACHE}", "-q"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split()[0]: line.split() for line in lines}
+    assert set(rows) == {SMOLLM.name, EFFICIENTNET.name}
+    assert Path(rows[SMOLLM.name][-1]) == dequantized_folder(SMOLLM.path(), CACHE)
+    assert Path(rows[EFFICIENTNET.name][-1]) == EFFICIENTNET.path()

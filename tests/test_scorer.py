@@ -97,7 +97,7 @@ def test_image_inputs_uint8_float_and_other_sizes_agree(scorer, data):
     big = np.repeat(np.repeat(images[:4], 2, axis=1), 2, axis=2)  # 64×64, resized back to 32
     assert scorer.encode_images(big).shape == (4, 16)
     assert torch.allclose(scorer.encode_images(big), as_uint8, atol=0.1)
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(DppmgError, match="batch"):
         scorer.encode_images(images[0])
 
 

@@ -333,7 +333,9 @@ def test_user_keyword_shares_count_every_genre_of_an_item():
 def test_keyword_recovery_reads_the_favourite_genre_from_informative_vectors():
     items, train, favourite = _genre_world()
     rng = np.random.default_rng(1)
-    informative = torch.tensor(np.eye(len(GENRES))[favourite] + 0.3 * rng.standard_normal((len(favourite), 4)))
+    informative = torch.tensor(
+        np.eye(len(GENRES))[favourite] + 0.3 * rng.standard_normal((len(favourite), 4))
+    )
     noise = torch.tensor(rng.standard_normal((len(favourite), 8)))
     out = keyword_recovery({"text": informative, "image": noise}, items, train, len(favourite), seed=0)
     text, image = out["text"], out["image"]

@@ -8,8 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from dppmg.errors import DppmgError
 
 IMAGES_DIR = "images"
 
@@ -75,3 +78,20 @@ def load_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
         if max_side is not None and max(im.size) > max_side:
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         return np.asarray(im)
+
+
+def as_pixels01(images: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 [N, H, W, 3] or float [N, 3, H, W] in [0, 1] → float [N, 3, H, W] in [0, 1] (on `device`).
+
+    A uint8 batch moves to the device before it becomes float, so a large catalogue crosses as bytes.
+    """
+    x = torch.as_tensor(images)
+    if x.ndim != 4:
+        raise DppmgError(f"images must be a batch [N, H, W, 3] uint8 or [N, 3, H, W] float, got {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        if x.shape[-1] != 3:
+            raise DppmgError(f"uint8 images must be [N, H, W, 3], got {tuple(x.shape)}")
+        return x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[1] != 3:
+        raise DppmgError(f"float images must be [N, 3, H, W] in [0, 1], got {tuple(x.shape)}")
+    return x.to(device, torch.float32)
