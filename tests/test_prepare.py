@@ -191,3 +191,30 @@ def test_fingerprint_ignores_world_settings_for_real_sources(tmp_path):
     assert a != build_fingerprint(load_config(None, [*base, "data.rating_threshold=4"]))
     syn = build_fingerprint(load_config(None, []))
     assert syn != build_fingerprint(load_config(None, ["data.synthetic.text_weight=9"]))
+
+
+def test_fingerprint_follows_raw_contents_not_times(tmp_path):
+    """A copy of the same raw data (new modification times) keeps its prepared dataset; an edit or an added
+    image invalidates it."""
+    import os
+
+    from dppmg.data.prepare import build_fingerprint
+
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "items.csv").write_text("item_id,text\n1,a film\n")
+    Image.new("RGB", (4, 4)).save(raw / "images" / "1.png")
+
+    def fingerprint():
+        overrides = ["data.source=custom", f"data.raw_dir={raw}", "data.images_dir=images"]
+        return build_fingerprint(load_config(None, overrides))
+
+    a = fingerprint()
+    for p in (raw / "items.csv", raw / "images", raw / "images" / "1.png"):
+        os.utime(p, ns=(1, 1))
+    assert fingerprint() == a
+    (raw / "items.csv").write_text("item_id,text\n1,a movie\n")
+    b = fingerprint()
+    assert b != a
+    Image.new("RGB", (4, 4)).save(raw / "images" / "2.png")
+    assert fingerprint() != b

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -34,7 +35,14 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
     """Build `cfg.data.processed_dir`; returns its path."""
     final = cfg.data.processed_dir
     fingerprint = build_fingerprint(cfg)
-    if finished_with(final / "meta.json", "build_fingerprint", fingerprint, cfg.data.overwrite, "data.overwrite", "data.name"):
+    if finished_with(
+        final / "meta.json",
+        "build_fingerprint",
+        fingerprint,
+        cfg.data.overwrite,
+        "data.overwrite",
+        "data.name",
+    ):
         logger.info("%s is up to date (same config and raw files); nothing to do", final)
         return final
     if not (final / "meta.json").is_file() and final.exists() and any(final.iterdir()):
@@ -100,7 +108,9 @@ def _write_dataset(
 
     # Text features: the source's own (MMRec) or the configured sentence encoder.
     if "text" in raw.features:
-        _add_features(root, meta, "text", raw.features["text"][rows], encoder=raw.info.get("text_features", "source"))
+        _add_features(
+            root, meta, "text", raw.features["text"][rows], encoder=raw.info.get("text_features", "source")
+        )
     elif has_text:
         from stage1_preference.encoders import encode_texts, text_encoder_name
 
@@ -113,7 +123,9 @@ def _write_dataset(
 
     # Image features: the source's own (MMRec) or the scorer's image tower.
     if "image" in raw.features:
-        _add_features(root, meta, "image", raw.features["image"][rows], encoder=raw.info.get("image_features", "source"))
+        _add_features(
+            root, meta, "image", raw.features["image"][rows], encoder=raw.info.get("image_features", "source")
+        )
     elif has_image:
         if images is None:
             size = cfg.features.scorer.image_size
@@ -125,7 +137,9 @@ def _write_dataset(
             )
         from dppmg.scorer import build_scorer
 
-        scorer, report = build_scorer(cfg.features.scorer, items["text"].fillna("").tolist(), images, cfg.seed, progress=progress)
+        scorer, report = build_scorer(
+            cfg.features.scorer, items["text"].fillna("").tolist(), images, cfg.seed, progress=progress
+        )
         scorer.save(root / "scorer")
         if cfg.features.image_encoder == "scorer":
             _add_features(root, meta, "image", scorer.encode_images(images).cpu().numpy(), encoder="scorer")
@@ -149,7 +163,11 @@ def _log_report(report: dict[str, Any]) -> None:
     """One line per filtering step that removed something, so nobody is surprised by the final counts."""
     for step, info in report.items():
         if isinstance(info, dict) and info.get("dropped_interactions"):
-            settings = ", ".join(f"{k}={v}" for k, v in info.items() if k != "dropped_interactions" and not isinstance(v, (dict, list)))
+            settings = ", ".join(
+                f"{k}={v}"
+                for k, v in info.items()
+                if k != "dropped_interactions" and not isinstance(v, (dict, list))
+            )
             logger.info("%s (%s): dropped %d interactions", step, settings, info["dropped_interactions"])
     if report.get("unused_items_dropped"):
         logger.info("dropped %d items left without interactions", report["unused_items_dropped"])
@@ -190,12 +208,28 @@ def build_fingerprint(cfg: Config) -> str:
 
 
 def _raw_files_signature(cfg: Config) -> list:
-    """(name, size, mtime) of the raw folder's top-level files, and the images folder's mtime."""
+    """The content of the raw folder's top-level files (SHA-256) and the images folder's (name, size) listing.
+
+    Contents, not modification times: a copy of the same raw data (a fresh checkout of `../shared`, an rsync to
+    another machine) keeps its prepared dataset, while an edited file or an added image invalidates it.
+    """
     d = cfg.data
     if d.raw_dir is None or not Path(d.raw_dir).is_dir():
         return []
-    sig: list = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(Path(d.raw_dir).iterdir()) if p.is_file()]
+    sig: list = [[p.name, _file_sha256(p)] for p in sorted(Path(d.raw_dir).iterdir()) if p.is_file()]
     images = d.raw_path(d.images_dir)
     if images is not None and images.is_dir():
-        sig.append([str(images), images.stat().st_mtime_ns])  # changes when files are added or removed
+        listing = hashlib.sha256()
+        for entry in sorted(os.scandir(images), key=lambda e: e.name):
+            if entry.is_file():
+                listing.update(f"{entry.name}\0{entry.stat().st_size}\n".encode())
+        sig.append([str(d.images_dir), listing.hexdigest()])
     return sig
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
