@@ -68,6 +68,5 @@ def paired_difference(
         raise DppmgError(
             f"paired_difference needs values for the same pairs, got shapes {a.shape} and {b.shape}"
         )
-    return bootstrap_mean(
-        a - b, n_boot, level, seed
-    )  # a NaN on either side makes the difference NaN: left out
+    # A NaN on either side makes the difference NaN, and bootstrap_mean leaves it out.
+    return bootstrap_mean(a - b, n_boot, level, seed)

@@ -200,9 +200,8 @@ class GeneratorConfig:
     text_heads: int = 2
     image_pipeline: str | None = None  # Stable-Diffusion pipeline (hub id or folder); None = the tiny one
     image_size: int = 32  # tiny pipeline's width in pixels (and its height unless image_height is set)
-    image_height: int | None = (
-        None  # tiny pipeline's height; None = square. Posters are 2:3: 32 wide, 48 high
-    )
+    # The tiny pipeline's height; None = square. Posters are 2:3: 32 wide, 48 high.
+    image_height: int | None = None
     # One UNet level per entry, each halving the side. Cross-attention (with self-attention) sits at the
     # lowest-resolution `unet_attention_levels` levels and in the middle block, never at full resolution:
     # attention at 32 px triples the cost (REFERENCE.md).

@@ -65,23 +65,24 @@ def cross_fitted_prediction(
     """Each item's prediction of `target` from `against` by a ridge fitted on the other folds, at the grid value
     whose held-out R² (pooled over the folds) is best. None when there are too few items to cross-validate.
 
-    Two passes over the folds (the held-out errors of every grid value, then the predictions of the best), so
-    memory stays at one [I, d1] prediction however large the grid.
+    Each fold's Gram matrix is decomposed once; that decomposition gives the held-out errors of every grid value
+    and then the predictions at the best one, so only one [I, d1] prediction is ever held.
     """
     n = target.shape[0]
     if n < 2 * folds:
         return None
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     parts = order.tensor_split(folds)
+    predictors = list(_fold_predictors(target, against, parts))
     errors = torch.zeros(len(grid), dtype=torch.float64)
-    for held, predict in _fold_predictors(target, against, parts):
+    for held, predict in predictors:
         for g, ridge in enumerate(grid):
             errors[g] += (target[held] - predict(ridge)).square().sum()
     centred = target - target.mean(0, keepdim=True)
     r2 = 1 - errors / centred.square().sum().clamp(min=1e-12)
     best = int(r2.argmax())
     prediction = torch.zeros_like(target, dtype=torch.float64)
-    for held, predict in _fold_predictors(target, against, parts):
+    for held, predict in predictors:
         prediction[held] = predict(grid[best])
     return CrossFit(prediction, grid[best], float(r2[best]))
 

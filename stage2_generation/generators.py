@@ -301,10 +301,9 @@ def _text_encoder_config(tokenizer: PreTrainedTokenizerBase, cfg: GeneratorConfi
 def _tiny_unet(cfg: GeneratorConfig, cross_attention_dim: int) -> UNet2DConditionModel:
     attended = cfg.unet_attention_levels
     plain = len(cfg.unet_channels) - attended  # the high-resolution levels, without attention
+    square = cfg.image_height in (None, cfg.image_size)
     return UNet2DConditionModel(
-        sample_size=cfg.image_size
-        if cfg.image_height in (None, cfg.image_size)
-        else (cfg.image_height, cfg.image_size),
+        sample_size=cfg.image_size if square else (cfg.image_height, cfg.image_size),
         in_channels=3,  # RGB in pixel space
         out_channels=3,
         block_out_channels=tuple(cfg.unet_channels),

@@ -14,7 +14,8 @@ from helpers import text_token_checkpoint
 from transformers import LlamaForCausalLM
 
 from dppmg.config import WarmStartConfig
-from dppmg.image_encoder import MEAN, STD, EfficientNetEncoder, as_pixels01, build_image_encoder
+from dppmg.data.imageio import as_pixels01
+from dppmg.image_encoder import MEAN, STD, EfficientNetEncoder, build_image_encoder
 from dppmg.models import SOURCE_FILE, dequantized_folder, load_causal_lm, packaged
 from stage2_generation.generators import generate_texts
 from stage2_generation.injection import MASKED_LOGIT, inject_tokens, trainable_parameters
