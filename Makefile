@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models test test-all lint format data stats stage1 stage2 bench bench-data bench-stage1 bench-stage2 bench-movielens clean-venv
+.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -64,6 +64,10 @@ stage1: $(STAMP) $(NEEDS_MODELS)
 # Needs stage 1's tokens for the same run_name; warm-starts the generators on first use (cached per dataset).
 stage2: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) stage2 $(CONFIG) $(ARGS)
+
+# After the two stages: every method of eval.methods on the same held-out pairs; writes runs/<run>/eval/.
+eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed
+	$(DPPMG) eval $(CONFIG) $(ARGS)
 
 bench: bench-data bench-stage1 bench-stage2 bench-movielens
 

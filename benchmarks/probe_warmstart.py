@@ -36,7 +36,7 @@ from dppmg.data.synthetic import SYNONYMS  # noqa: E402
 from dppmg.scorer import Scorer  # noqa: E402
 from stage2_generation.attributes import AttributeJudge  # noqa: E402
 from stage2_generation.generators import build_generators, generate_images  # noqa: E402
-from stage2_generation.warmstart import _tokenizer_corpus, warm_start_images  # noqa: E402
+from stage2_generation.warmstart import tokenizer_corpus, warm_start_images  # noqa: E402
 
 VARIANTS = {"scorer": {"text_encoder_from_scorer": True}, "new": {"text_encoder_from_scorer": False}}
 
@@ -75,7 +75,7 @@ def main() -> None:
     for name in args.variants.split(","):
         gen_cfg = dataclasses.replace(cfg.stage2.generators, **VARIANTS[name])
         torch.manual_seed(cfg.seed)
-        gen = build_generators(gen_cfg, _tokenizer_corpus(ds.items), seed=cfg.seed, scorer=scorer)
+        gen = build_generators(gen_cfg, tokenizer_corpus(ds.items), seed=cfg.seed, scorer=scorer)
         start = time.perf_counter()
         stats = warm_start_images(gen, ds, gen_cfg, dataclasses.replace(ws, image_steps=steps), cfg.seed)
         seconds = time.perf_counter() - start

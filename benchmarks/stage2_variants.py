@@ -22,6 +22,7 @@ import time
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from targets import issue_targets
 from transformers.utils import logging as transformers_logging
 
 from dppmg.config import load_config, to_dict
@@ -29,7 +30,7 @@ from dppmg.io import atomic_path
 from dppmg.seeding import seed_everything
 from stage2_generation.evaluate import heldout_pairs, split_users
 from stage2_generation.grounding import ground, training_pairs
-from stage2_generation.pipeline import generate_pairs, issue_targets, load_components
+from stage2_generation.pipeline import generate_pairs, load_components
 from stage2_generation.rewards import summarise
 from stage2_generation.rl import make_optimizers, rl_iteration
 

@@ -54,9 +54,19 @@ def cmd_stage1(cfg: Config, ns: argparse.Namespace) -> None:
 
 
 def cmd_stage2(cfg: Config, ns: argparse.Namespace) -> None:
+    from stage2_generation.rewards import check_weights
+
+    # A misspelt reward fails here, before the pipeline's imports (seconds) and its data and warm-start (minutes).
+    check_weights(cfg.stage2.rl.weights)
     from stage2_generation.pipeline import run_stage2
 
     run_stage2(cfg, progress=not ns.quiet)
+
+
+def cmd_eval(cfg: Config, ns: argparse.Namespace) -> None:
+    from stage2_generation.evaluation.run import run_eval
+
+    run_eval(cfg, progress=not ns.quiet)
 
 
 def cmd_models_prepare(cfg: Config, ns: argparse.Namespace) -> None:
@@ -85,6 +95,10 @@ COMMANDS: dict[tuple[str, str | None], tuple[Callable[[Config, argparse.Namespac
     ("stage2", None): (
         cmd_stage2,
         "inject the tokens into the generators, ground them, RL-tune them; write metrics, gallery, exports",
+    ),
+    ("eval", None): (
+        cmd_eval,
+        "every method (none, pmg, dppmg_sft, dppmg, ablations) on stage 2's held-out pairs; write eval/results.*",
     ),
     ("data", "prepare"): (cmd_data_prepare, "build the processed dataset, item features and the scorer"),
     ("data", "stats"): (cmd_data_stats, "print dataset statistics; write stats.json and a sample grid PNG"),

@@ -3,6 +3,8 @@
 The shape follows facebookresearch/lingua: `OmegaConf.structured` gives a typed schema, so an unknown
 key or a value of the wrong type is an error at start-up that names the key. `validate()` then checks
 what types cannot (choices, ranges, cross-field rules). The object is never changed after that.
+Mappings merge key by key, except those of `REPLACED_MAPPINGS` (the reward weights): a source that gives one
+whole replaces it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dppmg.errors import DppmgError
 
 IMAGE_ENCODERS = ("scorer", "efficientnet-lite0")  # features.image_encoder (dppmg/image_encoder.py)
+# Mappings that a source replaces, where OmegaConf would merge them into the defaults: a reward ablation
+# `stage2.rl.weights={consistency: 1.0}` must leave one term, not add it to the four default ones.
+REPLACED_MAPPINGS = ("stage2.rl.weights",)
 
 
 @dataclass
@@ -345,7 +350,10 @@ class RLConfig:
     )
     image_steps: int = 10  # DDIM steps of an image rollout
     eta: float = 1.0  # DDIM noise weight of the rollouts: > 0 makes each step a Gaussian policy
-    # The reward: registered reward names (stage2_generation/rewards.py) and their weights.
+    # The reward: registered reward names (stage2_generation/rewards.py) and their weights. A mapping given whole
+    # (in a YAML file, or `stage2.rl.weights={consistency: 1.0}`) replaces this one, so an ablation keeps only
+    # the terms it names; one key (`stage2.rl.weights.fidelity=0`) edits the current mapping. Stage 2 checks
+    # the names against the registry when it starts (this module imports no stage package).
     weights: dict[str, float] = field(
         default_factory=lambda: {
             "personalization_text": 1.0,
@@ -390,6 +398,56 @@ class Stage2Config:
     overwrite: bool = False  # replace a finished stage-2 result of another config
 
 
+EVAL_METHODS = (
+    "none",  # the same generators prompted with the target keywords only
+    "pmg",  # PMG (WWW 2024): LLM keywords + soft preference embeddings, best of N by z
+    "dppmg_sft",  # DPPMG after grounding, before RL
+    "dppmg",  # DPPMG after grounding and RL (stage 2's result)
+    "dppmg_continuous",  # ablation: the continuous preference vectors injected as one soft token per user
+    "text_tokens_only",  # ablation: DPPMG's tokens in the text prompt only
+    "image_tokens_only",  # ablation: DPPMG's tokens in the image prompt only
+    "dppmg_no_consistency",  # ablation: RL from the grounded tokens with the consistency term removed
+    "oracle",  # synthetic world only: catalogue items that match the user's true tastes
+)
+
+
+@dataclass
+class PMGConfig:
+    """PMG (Shen et al., WWW 2024) as this project runs it; eval/results.md says which extractor ran."""
+
+    # The LLM that reads the history as natural language: it picks the preference keywords (by likelihood, from
+    # the catalogue's vocabulary) and produces the soft preference embeddings. A packaged name, GGUF file, folder
+    # or hub id (dppmg/models.py). When it is not installed, the stage-2 text generator stands in, and says so.
+    llm: str = "SmolLM2-135M-Instruct"
+    history_items: int = 10  # most recent history items written into the prompt
+    num_keywords: int = 5  # preference keywords per user
+    vocabulary_size: int = 300  # candidate keywords: the catalogue's most frequent content words
+    soft_tokens: int = (
+        4  # trainable soft-prompt tokens (P-Tuning v2 style) whose LLM states become embeddings
+    )
+    train_steps: int = 150  # diffusion-loss steps of the soft embeddings on training users' target items
+    train_users: int = 256  # training users whose keywords are extracted for that training
+    lr: float = 1e-3
+    batch_size: int = 16
+    candidates: int = 4  # N images per pair; the one with the highest z = a log d_p + (1 - a) log d_t is kept
+    alpha: float = 0.5  # a in z: the weight of the preference score d_p against the target score d_t
+
+
+@dataclass
+class EvalConfig:
+    """`dppmg eval` / `make eval`: every method on the same held-out pairs, scored by one metric list."""
+
+    methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # generation seeds; CIs pool pairs and seeds
+    sample_users: int = 6  # held-out users shown side by side on eval/index.html
+    # Personalization-versus-fidelity trade-off curves: PMG at each alpha, DPPMG after RL at each fidelity weight.
+    tradeoff_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    tradeoff_fidelity_weights: list[float] = field(default_factory=lambda: [0.0, 2.0])
+    bootstrap_samples: int = 2000
+    overwrite: bool = False  # recompute methods whose cached generations exist
+    pmg: PMGConfig = field(default_factory=PMGConfig)
+
+
 @dataclass
 class Config:
     seed: int = 0
@@ -400,6 +458,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -488,6 +547,7 @@ class Config:
         _validate_generators(self.stage2.generators)
         _validate_warmstart(self.stage2.warmstart)
         _validate_stage2(self.stage2)
+        _validate_eval(self.eval)
         return self
 
 
@@ -622,13 +682,39 @@ def _validate_stage2(s2: Stage2Config) -> None:
         )
     if not r.weights:
         raise DppmgError("stage2.rl.weights is empty: name at least one reward")
-    from stage2_generation.rewards import REWARDS  # late: the rewards module imports this one's errors
 
-    unknown = sorted(set(r.weights) - set(REWARDS))
-    if unknown:
-        raise DppmgError(
-            f"stage2.rl.weights: unknown reward {unknown[0]!r}; registered: {', '.join(sorted(REWARDS))}"
-        )
+
+def _validate_eval(e: EvalConfig) -> None:
+    if not e.methods:
+        raise DppmgError("eval.methods is empty: name at least one of " + ", ".join(EVAL_METHODS))
+    for m in e.methods:
+        _choice("eval.methods", m, EVAL_METHODS)
+    if len(set(e.methods)) != len(e.methods):
+        raise DppmgError(f"eval.methods names a method twice: {e.methods}")
+    if not e.seeds or len(set(e.seeds)) != len(e.seeds):
+        raise DppmgError(f"eval.seeds must be distinct integers, at least one, got {e.seeds}")
+    if e.sample_users < 0 or e.bootstrap_samples < 100:
+        raise DppmgError("eval.sample_users must be >= 0 and eval.bootstrap_samples >= 100")
+    p = e.pmg
+    for key in (
+        "history_items",
+        "num_keywords",
+        "vocabulary_size",
+        "soft_tokens",
+        "batch_size",
+        "candidates",
+    ):
+        if getattr(p, key) < 1:
+            raise DppmgError(f"eval.pmg.{key} must be >= 1, got {getattr(p, key)}")
+    if p.num_keywords > p.vocabulary_size:
+        raise DppmgError("eval.pmg.num_keywords cannot exceed eval.pmg.vocabulary_size")
+    if p.train_steps < 0 or p.train_users < 1 or p.lr <= 0:
+        raise DppmgError("eval.pmg.train_steps must be >= 0, train_users >= 1 and lr > 0")
+    for a in (p.alpha, *e.tradeoff_alphas):
+        if not 0 <= a <= 1:
+            raise DppmgError(f"eval.pmg.alpha and eval.tradeoff_alphas must be in [0, 1], got {a}")
+    if any(w < 0 for w in e.tradeoff_fidelity_weights):
+        raise DppmgError(f"eval.tradeoff_fidelity_weights must be >= 0, got {e.tradeoff_fidelity_weights}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -644,7 +730,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise DppmgError(f"config file not found: {path}")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = _merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as e:
             raise DppmgError(f"{path}: {_describe(e)}") from None
         except Exception as e:  # YAML syntax errors come from the yaml package
@@ -653,10 +739,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides:
         if "=" not in item:
             raise DppmgError(f"command-line override {item!r} is not of the form key=value")
-    try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as e:
-        raise DppmgError(f"command line: {_describe(e)}") from None
+    for item in overrides:  # one at a time: a later item may replace a mapping an earlier one edited
+        try:
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), assigned=item.split("=", 1)[0])
+        except OmegaConfBaseException as e:
+            raise DppmgError(f"command line: {_describe(e)}") from None
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -665,9 +752,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return obj.validate()
 
 
+def _merge(cfg: DictConfig, source: DictConfig, assigned: str = "") -> DictConfig:
+    """`cfg` merged with `source`, a YAML file ("" assigned) or one override that assigns the key `assigned`.
+
+    OmegaConf merges mappings key by key; the mappings of `REPLACED_MAPPINGS` are replaced instead when the
+    source gives them whole (the file, or an override of that key or of one that encloses it).
+    """
+    for key in REPLACED_MAPPINGS:
+        whole = not assigned or key == assigned or key.startswith(assigned + ".")
+        if whole and OmegaConf.is_dict(OmegaConf.select(source, key)):
+            OmegaConf.update(cfg, key, {}, merge=False)
+    return OmegaConf.merge(cfg, source)
+
+
 def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).split("\n")[0]
+    if key and ":" in key:  # no key of the schema has one: a flow mapping without its space
+        return f"key '{key}': YAML reads `{{a:1}}` as the one key 'a:1'; write `{{a: 1}}`"
     if "not in" in msg and key:
         return f"unknown key '{key}'"
     return f"key '{key}': {msg}" if key else msg

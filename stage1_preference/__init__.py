@@ -1,1 +1,1 @@
-"""Stage 1: item encoders, the modal-specific GNN, the residual-VQ quantizer, training, evaluation, export."""
+"""Stage 1: item features, the modal-specific GNN, the residual-VQ quantizer, training, evaluation, export."""

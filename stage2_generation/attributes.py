@@ -333,7 +333,7 @@ class AttributeJudge:
         if self.text_features == "bow":
             return bag_of_words(texts, self.text_vocabulary)
         if self._encoder is None:
-            from stage1_preference.encoders import TextEncoder  # imports transformers: only when asked for
+            from dppmg.text_encoder import TextEncoder  # imports transformers: only when asked for
 
             self._encoder = TextEncoder(MINILM)
         return torch.as_tensor(self._encoder.encode(texts, progress=False))
@@ -509,7 +509,7 @@ def _catalog_text_features(
         # From the training items only, so that a word only held-out items use counts for nothing.
         vocabulary = sorted({w for i in train for w in words(texts[i])})
         return bag_of_words(texts, vocabulary), vocabulary
-    from stage1_preference.encoders import encode_texts, text_encoder_name  # imports transformers
+    from dppmg.text_encoder import encode_texts, text_encoder_name  # imports transformers
 
     encoder = ds.meta.get("features", {}).get("text", {}).get("encoder")
     if "text" in ds.features and encoder == text_encoder_name(MINILM):  # the dataset's own MiniLM features

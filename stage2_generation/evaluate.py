@@ -21,7 +21,7 @@ from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
 from dppmg.scorer import Scorer
 from stage2_generation.policy import Pair
-from stage2_generation.rewards import RewardInputs, RewardResult, combine, pad_history
+from stage2_generation.rewards import RewardInputs, RewardResult, check_weights, combine, pad_history
 
 MAX_HISTORY = 50  # the most recent training items a user is compared with
 
@@ -37,6 +37,7 @@ class Rewarder:
     """
 
     def __init__(self, ds: ProcessedDataset, scorer: Scorer, text_encoder, weights: Mapping[str, float]):
+        check_weights(weights)  # before the item images are embedded
         self.ds, self.scorer, self.text_encoder = ds, scorer, text_encoder
         self.weights = dict(weights)
         if "text" not in ds.features:
@@ -129,12 +130,13 @@ def heldout_pairs(ds: ProcessedDataset, users: Sequence[int]) -> list[Pair]:
         last = rows.sort_values("timestamp", kind="stable").groupby("user_idx").tail(1)
         for u, i in zip(last["user_idx"].tolist(), last["item_idx"].tolist()):
             if all(p.user != u for p in chosen):
-                chosen.append(Pair(int(u), _keywords(ds.items, int(i)), int(i)))
+                chosen.append(Pair(int(u), item_keywords(ds.items, int(i)), int(i)))
     order = {u: k for k, u in enumerate(users)}
     return sorted(chosen, key=lambda p: order[p.user])
 
 
-def _keywords(items: pd.DataFrame, item: int) -> str:
+def item_keywords(items: pd.DataFrame, item: int) -> str:
+    """An item's keywords, the target of a pair; without keywords, the first 4 words of its text (or its index)."""
     value = items["keywords"].iat[item]
     if value is None or pd.isna(value) or not str(value).strip():
         text = items["text"].iat[item]

@@ -49,6 +49,7 @@ img {{ image-rendering: pixelated; display: block; background: #eee; }}
 .generation img {{ width: {GENERATION_PX}px; height: auto; }}
 .keywords {{ font-weight: 600; }}
 .muted {{ color: #888; font-size: .8em; }}
+figure.plot img {{ image-rendering: auto; max-width: 100%; margin: .8em 0; }}
 """
 
 
@@ -83,13 +84,15 @@ def write_gallery(
     title: str,
     summary: Mapping[str, Mapping[str, float]] | None = None,
     notes: str = "",
+    figures: Sequence[str | Path] = (),
 ) -> Path:
     """Write the gallery page to `path` atomically and return the path.
 
     summary: optional condition -> {metric: value}, shown as a table (rows conditions, columns metrics).
+    figures: PNG files (plots) embedded under the summary.
     Raises DppmgError naming the entry and field of any malformed image or score.
     """
-    page = render_gallery(entries, title, summary, notes)
+    page = render_gallery(entries, title, summary, notes, figures)
     write_text(path, page)
     return Path(path)
 
@@ -99,6 +102,7 @@ def render_gallery(
     title: str,
     summary: Mapping[str, Mapping[str, float]] | None = None,
     notes: str = "",
+    figures: Sequence[str | Path] = (),
 ) -> str:
     """The gallery page as one HTML string (see `write_gallery`)."""
     header = [f"<h1>{_esc(title)}</h1>"]
@@ -106,6 +110,11 @@ def render_gallery(
         header.append(f'<p class="notes">{_esc(notes)}</p>')
     if summary:
         header.append(_summary_table(summary))
+    for fig in figures:
+        data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
+        header.append(
+            f'<figure class="plot"><img src="data:image/png;base64,{data}" alt="{_esc(Path(fig).name)}"></figure>'
+        )
     body = [_entry(i, e) for i, e in enumerate(entries)]
     return "\n".join(
         [

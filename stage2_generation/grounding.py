@@ -22,24 +22,18 @@ from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.generators import image_shape
 from stage2_generation.policy import Pair, Policy
-from stage2_generation.warmstart import (
-    IGNORE_INDEX,
-    _max_positions,
-    diffusion_loss,
-    guarded_step,
-    target_separator,
-    text_batch,
-)
+from stage2_generation.prompts import target_separator
+from stage2_generation.training import IGNORE_INDEX, diffusion_loss, guarded_step, max_positions, text_batch
 
 
 def training_pairs(ds: ProcessedDataset, users: Sequence[int]) -> list[Pair]:
     """Every training interaction of `users` as a (user, item keywords, item) pair."""
-    from stage2_generation.evaluate import _keywords
+    from stage2_generation.evaluate import item_keywords
 
     train = ds.split("train")
     train = train[train["user_idx"].isin(set(users))]
     return [
-        Pair(int(u), _keywords(ds.items, int(i)), int(i))
+        Pair(int(u), item_keywords(ds.items, int(i)), int(i))
         for u, i in zip(train["user_idx"].tolist(), train["item_idx"].tolist())
     ]
 
@@ -89,7 +83,7 @@ def text_loss(
     batch = text_batch(
         tokenizer,
         examples,
-        _max_positions(lm, tokenizer),
+        max_positions(lm, tokenizer),
         target_separator(policy.prompts),
         max_target_tokens,
     )

@@ -31,7 +31,6 @@ from PIL import Image
 from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, load_config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
-from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, write_json, write_text
 from dppmg.log import logger
@@ -39,33 +38,26 @@ from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
 from dppmg.tokens import TokenCheckpoint
 from dppmg.tracking import build_tracker, flatten_metrics
-from stage2_generation.attributes import (
-    ATTRIBUTE_PREFIX,
-    IMAGE_PREFERENCE_PREFIX,
-    TARGET_ATTRIBUTE,
-    TEXT_PREFERENCE_PREFIX,
-    fit_judge,
-    preference_hit_rates,
-    target_hit_rate,
-)
+from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
-from stage2_generation.generators import generate_images, generate_texts, image_shape
+from stage2_generation.evaluation.methods import OracleMethod, generate_with_tokens
+from stage2_generation.evaluation.metrics import Judges
+from stage2_generation.generators import image_shape
 from stage2_generation.grounding import ground, training_pairs
 from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
 from stage2_generation.judges import ImageJudge
 from stage2_generation.policy import Pair, Policy
-from stage2_generation.rewards import METRIC_NAMES, TOTAL_KEY, summarise
+from stage2_generation.rewards import METRIC_NAMES, TOTAL_KEY, relative_change
 from stage2_generation.rl import make_optimizers, rl_iteration
 from stage2_generation.warmstart import warm_start
 
 CONDITIONS = ("none", "grounded", "rl")  # heldout.<condition> in metrics.json
 LABELS = {"none": "non-personalized", "grounded": "before RL (grounded)", "rl": "after RL"}
 TOKENS_FILE = "tokens.safetensors"
-CHECKPOINT_FILE = "checkpoint.pt"
-PERSONALIZATION_GAIN_TARGET = (
-    0.08  # PMG's headline: +8 % personalization over the non-personalized generators
+GROUNDED_TOKENS_FILE = (
+    "tokens_grounded.safetensors"  # the tokens after grounding, before RL (eval's dppmg_sft)
 )
-FIDELITY_DROP_LIMIT = 0.05
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -127,21 +119,40 @@ class Components:
     warmstart_seconds: float
 
 
+def stage1_expectation(cfg: Config, ds: ProcessedDataset, ckpt: TokenCheckpoint) -> dict[str, Any]:
+    """The stage-1 → stage-2 contract: the modalities and sizes this config's stage 1 makes, which the token
+    checkpoint must have (`TokenCheckpoint.check_compatible` names every difference)."""
+    st = cfg.stage1
+    present = set(ds.meta.get("modalities", st.modalities))
+    wanted = [m for m in st.modalities if m in present]
+    return {
+        "modalities": wanted,
+        "levels": {m: st.vq_levels for m in wanted},
+        "codebook_size": {m: st.vq_codebook_size for m in wanted},
+        "dim": {m: st.dim for m in wanted},
+    }
+
+
 def load_components(
-    cfg: Config, progress: bool = True, dataset: Path | None = None, ckpt: TokenCheckpoint | None = None
+    cfg: Config,
+    progress: bool = True,
+    dataset: Path | None = None,
+    ckpt: TokenCheckpoint | None = None,
+    variant: bool = False,
 ) -> Components:
     """Dataset, token checkpoint, warm-started generators with the tokens injected, scorer and reward.
 
     `dataset` is the processed dataset's folder when the caller has just prepared it (not prepared again), and
-    `ckpt` the run's token checkpoint when the caller has already loaded it.
+    `ckpt` the run's token checkpoint when the caller has already loaded it. The checkpoint must have the sizes
+    `stage1_expectation` states, unless it is a `variant` an evaluation made from it (evaluation.methods).
     """
     from dppmg.data.prepare import prepare
-    from stage1_preference.encoders import TextEncoder
+    from dppmg.text_encoder import TextEncoder
 
     ds = load_dataset(dataset if dataset is not None else prepare(cfg, progress=progress))
     ckpt = ckpt if ckpt is not None else TokenCheckpoint.load(tokens_folder(cfg))
     content_hash = str(ds.meta["content_hash"])
-    ckpt.check_compatible(content_hash)
+    ckpt.check_compatible(content_hash, None if variant else stage1_expectation(cfg, ds, ckpt))
     s2 = cfg.stage2
     start = time.perf_counter()
     cache = Path(cfg.features.cache_dir) / "generators"
@@ -172,110 +183,45 @@ def generate_pairs(
     seed: int | None = None,
 ) -> tuple[list[str], np.ndarray, float, float, int]:
     """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by `seed` (cfg.seed)."""
-    g = cfg.stage2.generation
-    gen = policy.gen
     seed = cfg.seed if seed is None else seed
-    start = time.perf_counter()
-    texts = generate_texts(
-        gen.lm, gen.lm_tokenizer, policy.text_prompts(pairs, personalized), max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=progress,
-    )  # fmt: skip
-    text_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    images = generate_images(
-        gen.pipe, policy.image_prompts(pairs, personalized), steps=g.image_steps, guidance=g.guidance,
-        seed=seed, batch_size=g.batch_size, progress=progress,
-    )  # fmt: skip
-    image_seconds = time.perf_counter() - start
-    # Generated tokens, counted by re-tokenizing (the EOS that ended a text counts as one).
-    tokens = sum(len(gen.lm_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-    return texts, images, text_seconds, image_seconds, tokens
+    return generate_with_tokens(
+        policy, pairs, cfg.stage2.generation, seed, personalized, personalized, progress
+    )
 
 
 def evaluate_condition(
     policy: Policy,
-    rewarder: Rewarder,
+    judges: Judges,
     pairs: list[Pair],
     cfg: Config,
     personalized: bool,
-    judge=None,
     progress: bool = True,
-    image_judge: ImageJudge | None = None,
 ) -> Generated:
-    """Generate for the pairs and score: the reward's terms, and the judges' (attribute judge, image judge)."""
+    """Generate for the pairs and score them with the evaluation package's metric list, plus the RL reward."""
     texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized, progress)
-    result = rewarder(pairs, texts, images)
-    metrics = summarise([result])
-    per_pair = {k: v.tolist() for k, v in result.components.items()}
-    per_pair[TOTAL_KEY] = result.total.tolist()
-    if judge is not None:
-        metrics.update(attribute_metrics(judge, rewarder.ds, pairs, texts, images))
-    if image_judge is not None:
-        for name, values in image_judge(pairs, images).items():
-            per_pair[name] = values.tolist()
-            metrics[name] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
-    return Generated(texts, images, metrics, per_pair, ts, is_, tokens)
+    return _scored(judges, pairs, texts, images, cfg, ts, is_, tokens)
 
 
-def attribute_metrics(
-    judge, ds: ProcessedDataset, pairs: list[Pair], texts: list[str], images: np.ndarray
-) -> dict[str, float]:
-    """The independent check of DESIGN.md on the synthetic world: attribute hit rates by a catalog classifier."""
-    users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]].reset_index()
-    out = preference_hit_rates(judge, users, images=images, texts=texts)
-    categories = [str(ds.items[f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"].iat[p.item]) for p in pairs]
-    out.update(target_hit_rate(judge, categories, images=images, texts=texts))
-    return out
+def _scored(
+    judges: Judges, pairs: list[Pair], texts: list[str], images: np.ndarray, cfg: Config,
+    ts: float = 0.0, is_: float = 0.0, tokens: int = 0,
+) -> Generated:  # fmt: skip
+    per_pair = judges.score(pairs, texts, images, reward_weights=cfg.stage2.rl.weights)
+    metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per_pair.items()}
+    return Generated(texts, images, metrics, {k: v.tolist() for k, v in per_pair.items()}, ts, is_, tokens)
 
 
-def oracle_metrics(
-    rewarder: Rewarder, pairs: list[Pair], side: int, seed: int, judge
-) -> dict[str, float] | None:
-    """The reward metrics of perfectly matching real items on this world: for each held-out pair, a catalogue
-    item of the target's category that has the user's true preferences (the most matching attributes; the
-    text from such an item for the text taste, the image from one for the image taste), scored like a
-    generation. None without the attribute judge (datasets without ground truth, attr_* / pref_* columns).
+def oracle_metrics(judges: Judges, pairs: list[Pair], side, cfg: Config) -> dict[str, float] | None:
+    """The metrics of perfectly matching real items on this world (evaluation.methods.OracleMethod), or None
+    without the attribute judge (datasets without ground truth).
 
     It calibrates the personalization metrics. It is not a strict bound: a generation can be more typical of a
     user's history than any single item (an image with the user's colour and an in-between shape, say).
     """
-    ds = rewarder.ds
-    items, users = ds.items, ds.users.set_index("user_idx")
-    category = f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"
-    if judge is None or category not in items.columns or any(p.item is None for p in pairs):
+    if judges.attribute is None or any(p.item is None for p in pairs):
         return None
-    # The judge reads exactly the users' tastes in each modality (attributes.judged_attributes), category first.
-    tastes = {
-        TEXT_PREFERENCE_PREFIX: [a for a in judge.text_attributes if a != TARGET_ATTRIBUTE],
-        IMAGE_PREFERENCE_PREFIX: [a for a in judge.image_attributes if a != TARGET_ATTRIBUTE],
-    }
-    if not all(tastes.values()):
-        return None
-    rng = np.random.default_rng(seed)
-    has = {
-        IMAGE_PREFERENCE_PREFIX: items["image"].notna().to_numpy(),
-        TEXT_PREFERENCE_PREFIX: items["text"].notna().to_numpy(),
-    }
-    chosen: dict[str, list[int]] = {prefix: [] for prefix in tastes}
-    for p in pairs:
-        same = items[category].to_numpy() == items[category].iat[p.item]
-        for prefix, attrs in tastes.items():
-            match = sum(
-                (items[f"{ATTRIBUTE_PREFIX}{a}"] == users.at[p.user, f"{prefix}{a}"]).to_numpy()
-                for a in attrs
-            )
-            ok = same & has[prefix]
-            if not ok.any():  # no candidate with that modality in the category: no ceiling to report
-                return None
-            best = np.flatnonzero(ok & (match == match[ok].max()))
-            chosen[prefix].append(int(rng.choice(best)))
-    texts = [str(items["text"].iat[i]) for i in chosen[TEXT_PREFERENCE_PREFIX]]
-    images = load_image_array(
-        [ds.image_path(i) for i in chosen[IMAGE_PREFERENCE_PREFIX]], side, progress=False
-    )
-    metrics = summarise([rewarder(pairs, texts, images)])
-    metrics.update(attribute_metrics(judge, ds, pairs, texts, images))
-    return metrics
+    g = OracleMethod(judges.ds, judges.attribute, side).generate(pairs, cfg.seed)
+    return _scored(judges, pairs, g.texts, g.images, cfg).metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,25 +247,16 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs = heldout_pairs(ds, held_users)
     pool = training_pairs(ds, train_users)
-    judge = fit_judge(ds, seed=cfg.seed)
     image_judge = None
     if s2.generation.image_judge is not None:
         image_judge = ImageJudge.build(
             ds, s2.generation.image_judge, image_shape(policy.gen.pipe), cfg.features.cache_dir,
             cfg.features.device, progress,
         )  # fmt: skip
+    judges = Judges(rewarder, fit_judge(ds, seed=cfg.seed), image_judge)
 
     def evaluate(personalized: bool) -> Generated:
-        return evaluate_condition(
-            policy,
-            rewarder,
-            pairs,
-            cfg,
-            personalized,
-            judge=judge,
-            progress=progress,
-            image_judge=image_judge,
-        )
+        return evaluate_condition(policy, judges, pairs, cfg, personalized, progress=progress)
 
     logger.info(
         "stage 2 on %s: %d training users (%d interactions), %d held-out (user, target) pairs",
@@ -343,6 +280,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
                 item_text_emb=rewarder.item_text, item_image_emb=rewarder.item_image,
             )  # fmt: skip
             state.seconds["grounding"] = time.perf_counter() - start
+            save_injected(out / GROUNDED_TOKENS_FILE, policy.injected)
             state.evals["grounded"] = evaluate(personalized=True)
             tracker.log(flatten_metrics({"grounded": state.evals["grounded"].metrics}), step=0)
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
@@ -350,10 +288,8 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
         if "rl" not in state.evals:
             state.evals["rl"] = evaluate(personalized=True)
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
-        metrics = _finish(out, cfg, c, state, pairs, fingerprint, judge, time.perf_counter() - total_start)
-        tracker.summary(
-            flatten_metrics({k: v for k, v in metrics.items() if k in ("heldout", "gains", "timing")})
-        )
+        metrics = _finish(out, cfg, c, state, pairs, fingerprint, judges, time.perf_counter() - total_start)
+        tracker.summary(flatten_metrics({k: v for k, v in metrics.items() if k in ("heldout", "timing")}))
     finally:
         tracker.finish()
     return out
@@ -430,51 +366,6 @@ def _load_state(path: Path, fingerprint: str, policy: Policy) -> Stage2State:
 # Outputs
 
 
-def _relative(new: float, old: float) -> float:
-    """Relative change of a cosine similarity, on PMG's score scale d = (s + 1) / 2 in [0, 1].
-
-    Cosines of generated content can sit near 0 or below, where (new - old) / |old| explodes or flips sign;
-    d is positive, so the ratio means what "x % better" says (PMG scores its similarities the same way).
-    """
-    d_new, d_old = (new + 1) / 2, (old + 1) / 2
-    return (d_new - d_old) / d_old if d_old > 0 else float("nan")
-
-
-def issue_targets(heldout: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The issue's targets, measured: each with its value, its threshold and whether it was met."""
-    none, grounded, rl = heldout["none"], heldout["grounded"], heldout["rl"]
-    pers_none = (none["personalization_text"] + none["personalization_image"]) / 2
-    pers_rl = (rl["personalization_text"] + rl["personalization_image"]) / 2
-    out = {
-        "reward_rl_over_grounded": {"value": rl[TOTAL_KEY] - grounded[TOTAL_KEY], "target": "> 0"},
-        "consistency_rl_over_grounded": {
-            "value": rl["consistency"] - grounded["consistency"],
-            "target": "> 0",
-        },
-        "personalization_gain_over_none": {
-            "value": _relative(pers_rl, pers_none),
-            "target": f">= {PERSONALIZATION_GAIN_TARGET}",
-        },
-        "personalization_text_gain_over_none": {
-            "value": _relative(rl["personalization_text"], none["personalization_text"]),
-            "target": f">= {PERSONALIZATION_GAIN_TARGET}",
-        },
-        "personalization_image_gain_over_none": {
-            "value": _relative(rl["personalization_image"], none["personalization_image"]),
-            "target": f">= {PERSONALIZATION_GAIN_TARGET}",
-        },
-        "fidelity_change_over_none": {
-            "value": _relative(rl["fidelity"], none["fidelity"]),
-            "target": f">= -{FIDELITY_DROP_LIMIT}",
-        },
-    }
-    for entry in out.values():
-        value, target = entry["value"], entry["target"]
-        op, threshold = target.split(" ")
-        entry["met"] = bool(value > float(threshold)) if op == ">" else bool(value >= float(threshold))
-    return out
-
-
 COMPARISONS = (("grounded", "none"), ("rl", "none"), ("rl", "grounded"))  # heldout_differences: a − b
 
 
@@ -496,30 +387,6 @@ def heldout_intervals(evals: dict[str, Generated], seed: int) -> tuple[dict[str,
     return ci, diffs
 
 
-def judge_targets(diffs: dict[str, Any]) -> dict[str, Any]:
-    """The real-data targets, on the paired differences after RL against `none` (with an image judge only).
-
-    Image personalization must rise on the judge the reward never sees, with the interval excluding 0; text
-    personalization must rise. Fidelity is checked by `issue_targets`.
-    """
-    d = diffs["rl_minus_none"]
-    out = {}
-    for key, metric, significant in (
-        ("judge_personalization_rl_over_none", "judge_history_all", True),
-        ("judge_personalization_last5_rl_over_none", "judge_history_last5", True),
-        ("personalization_text_rl_over_none", "personalization_text", False),
-    ):
-        if metric not in d:
-            continue
-        i = d[metric]
-        out[key] = {
-            "value": i["mean"], "ci": [i["low"], i["high"]],
-            "target": "> 0 with the 95 % interval above 0" if significant else "> 0",
-            "met": bool(i["low"] > 0) if significant else bool(i["mean"] > 0),
-        }  # fmt: skip
-    return out
-
-
 def _finish(
     out: Path,
     cfg: Config,
@@ -527,7 +394,7 @@ def _finish(
     state: Stage2State,
     pairs: list[Pair],
     fingerprint: str,
-    judge,
+    judges: Judges,
     seconds: float,
 ) -> dict[str, Any]:
     policy, ds = c.policy, c.ds
@@ -539,7 +406,7 @@ def _finish(
         export_image_tokens(policy.image, export / "image")
     _write_generations(out / "generations", ds, pairs, state)
     heldout = {k: state.evals[k].metrics for k in CONDITIONS}
-    oracle = oracle_metrics(c.rewarder, pairs, image_shape(policy.gen.pipe), cfg.seed, judge)
+    oracle = oracle_metrics(judges, pairs, image_shape(policy.gen.pipe), cfg)
     rl_eval = state.evals["rl"]
     n = len(pairs)
     timing = {
@@ -559,13 +426,12 @@ def _finish(
         "heldout_pairs": n,
         "heldout_ci": ci,
         "heldout_differences": diffs,
-        "gains": {**issue_targets(heldout), **judge_targets(diffs)},
         # What perfectly matching real items score on a world with ground truth (oracle_metrics), and the
         # gain over heldout.none it reaches: the yardstick for "gains" (null on real datasets).
         "heldout_oracle": oracle,
         "oracle_personalization_gain_over_none": None
         if oracle is None
-        else _relative(
+        else relative_change(
             (oracle["personalization_text"] + oracle["personalization_image"]) / 2,
             (heldout["none"]["personalization_text"] + heldout["none"]["personalization_image"]) / 2,
         ),
@@ -574,8 +440,10 @@ def _finish(
         "grounding": state.grounding,
         "rl_history": state.history,
         "reward_weights": dict(cfg.stage2.rl.weights),
-        "attribute_judge_accuracy": None if judge is None else judge.accuracy,
+        "attribute_judge_accuracy": None if judges.attribute is None else judges.attribute.accuracy,
         "dataset": {"name": ds.meta.get("name"), "content_hash": ds.meta["content_hash"]},
+        # The stage-1 config that made the tokens (the checkpoint's manifest), and their digest.
+        "stage1": {"config": c.ckpt.manifest.get("config"), "tokens_digest": c.ckpt.digest()},
         "fingerprint": fingerprint,
     }
     _write_gallery(out / "gallery.html", cfg, ds, pairs, state, heldout)

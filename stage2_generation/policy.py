@@ -31,7 +31,7 @@ from dppmg.errors import DppmgError
 from dppmg.tokens import TokenCheckpoint
 from stage2_generation.generators import Generators, image_shape
 from stage2_generation.injection import InjectedTokens, inject_tokens, trainable_parameters
-from stage2_generation.warmstart import chat_prompt, fill_prompt
+from stage2_generation.prompts import chat_prompt, fill_prompt
 
 
 @dataclass

@@ -181,6 +181,13 @@ class RewardConfig:
             )
 
 
+def check_weights(weights: Mapping[str, float], where: str = "stage2.rl.weights") -> None:
+    """Refuse a weight for a reward that is not registered; `where` names the weights in the message."""
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise DppmgError(f"{where}: unknown reward {unknown[0]!r}; registered: {', '.join(sorted(REWARDS))}")
+
+
 def _check_names(names: Sequence[str] | Mapping[str, float]) -> None:
     if not names:
         raise DppmgError(f"no rewards named; registered rewards: {', '.join(sorted(REWARDS))}")
@@ -461,3 +468,13 @@ def pmg_objective(personalization: Tensor | float, fidelity: Tensor | float, alp
         return ((torch.as_tensor(s, dtype=torch.float32) + 1) / 2).clamp(PMG_MIN_SCORE, 1.0)
 
     return alpha * score(personalization).log() + (1 - alpha) * score(fidelity).log()
+
+
+def relative_change(new: float, old: float) -> float:
+    """Relative change of a cosine similarity, on PMG's score scale d = (s + 1) / 2 in [0, 1].
+
+    Cosines of generated content can sit near 0 or below, where (new - old) / |old| explodes or flips sign;
+    d is positive, so the ratio means what "x % better" says (PMG scores its similarities the same way).
+    """
+    d_new, d_old = (new + 1) / 2, (old + 1) / 2
+    return (d_new - d_old) / d_old if d_old > 0 else float("nan")

@@ -48,7 +48,7 @@ from stage2_generation.policy import (
     samples_to_uint8,
 )
 from stage2_generation.rewards import RewardResult, finite_mask, group_advantages
-from stage2_generation.warmstart import guarded_step
+from stage2_generation.training import guarded_step
 
 
 @dataclass

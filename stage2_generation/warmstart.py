@@ -13,7 +13,8 @@ works in pixel space (images scaled to [-1, 1]); a pipeline with a VAE trains on
 
 `warm_start` builds the generators, trains both parts and caches the result per (dataset content hash, generator +
 warm-start config + seed) under `cache_root/<key>/`, written atomically by `save_generators`, so a rerun of stage 2
-on the same data loads it instead of training again.
+on the same data loads it instead of training again. The prompt templates are in `prompts.py`, and the losses and
+optimizer steps it shares with the grounding and the RL in `training.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import StableDiffusionPipeline
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,63 +44,26 @@ from stage2_generation.generators import (
     MANIFEST_FILE,
     Generators,
     build_generators,
-    encode_prompts,
     image_shape,
     load_generators,
     save_generators,
 )
-
-IGNORE_INDEX = -100  # label value that torch's cross-entropy (and so every HF causal LM) skips
-KEYWORDS = "{keywords}"  # the placeholder in the prompt templates (str.replace, so other braces are literal)
-TOKENS = "{tokens}"  # where a user's preference tokens go in a template (first when it has none)
-LOSS_WINDOW = (
-    0.1  # loss_first / loss_last average this share of the steps: one diffusion step's loss is noisy
+from stage2_generation.prompts import chat_prompt, fill_prompt, target_separator
+from stage2_generation.training import (
+    diffusion_loss,
+    loss_summary,
+    make_optimizer,
+    max_positions,
+    scheduled_step,
+    text_batch,
 )
+
 MIN_HINT_LETTERS = 3  # shorter words ("a", "the", "for") carry no preference
 CACHE_VERSION = 3  # bump when the training recipe changes, so older caches are not reused
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Examples
-
-
-def fill_prompt(template: str, keywords: Any, tokens: str = "") -> str:
-    """The prompt for an item's keywords (missing keywords give the template with an empty phrase).
-
-    `tokens` (a user's preference tokens, or hint words) go where the template says {tokens}, else first.
-    """
-    phrase = "" if keywords is None or pd.isna(keywords) else str(keywords).strip()
-    filled = template.replace(KEYWORDS, phrase)
-    if TOKENS in filled:
-        return filled.replace(TOKENS, tokens).strip()
-    return (tokens + filled.strip()).strip()
-
-
-def target_separator(cfg: WarmStartConfig) -> str:
-    """What joins a prompt and its target text: a space after "keywords:", nothing after a chat prompt."""
-    return "" if cfg.text_chat else " "
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, message: str, system: str = "") -> str:
-    """`message` as the user turn of the tokenizer's chat template, ending where the assistant's answer starts.
-
-    An empty `system` leaves the system turn to the template (some add a default one). When the template writes
-    the BOS token and the tokenizer also adds it on encoding, the template's copy is dropped, so that encoding the
-    prompt gives one BOS, not two.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise DppmgError(
-            f"stage2.warmstart.text_chat is true, but the text model's tokenizer ({type(tokenizer).__name__}) has "
-            "no chat template; set text_chat=false or use an instruction model"
-        )
-    turns = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": message}
-    ]
-    text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos) :]
-    return text
 
 
 def text_warmstart_examples(
@@ -160,55 +123,6 @@ def image_warmstart_examples(
 # Text
 
 
-def text_batch(
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[tuple[str, str]],
-    max_length: int,
-    separator: str = " ",
-    max_target_tokens: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask, labels [B, T], right-padded; labels are -100 on the prompt and the padding.
-
-    Prompt and target are tokenized separately, so the prompt's tokens are exactly those `generate_texts` feeds
-    the model. The target is `separator` + text + EOS (a chat prompt ends where the answer starts, so it takes
-    separator ""); a target longer than `max_target_tokens`, or too long for `max_length`, is cut (and then has
-    no EOS).
-    """
-    rows = []
-    for prompt, target in examples:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        target_ids = tokenizer(separator + target, add_special_tokens=False)["input_ids"]
-        target_ids = (target_ids + [tokenizer.eos_token_id])[:max_target_tokens]
-        room = max_length - len(prompt_ids)
-        if room < 1:
-            raise DppmgError(
-                f"warm-start prompt {prompt!r} is {len(prompt_ids)} tokens, no room for a target within the "
-                f"text generator's {max_length} positions"
-            )
-        rows.append((prompt_ids, target_ids[:room]))
-    length = max(len(p) + len(t) for p, t in rows)
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, (prompt_ids, target_ids) in enumerate(rows):
-        ids = prompt_ids + target_ids
-        input_ids[b, : len(ids)] = torch.tensor(ids)
-        mask[b, : len(ids)] = 1
-        labels[b, len(prompt_ids) : len(ids)] = torch.tensor(target_ids)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def _max_positions(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    positions = getattr(lm.config, "max_position_embeddings", None) or getattr(lm.config, "n_positions", None)
-    limit = (
-        tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None
-    )  # HF's "no limit" is ~1e30
-    candidates = [int(x) for x in (positions, limit) if x]
-    if not candidates:
-        raise DppmgError(f"cannot tell how many positions the text generator {type(lm).__name__} has")
-    return min(candidates)
-
-
 def train_text_warmstart(
     lm: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -230,9 +144,9 @@ def train_text_warmstart(
     if not examples:
         raise DppmgError("text warm-start needs at least one (prompt, target) example")
     device = next(lm.parameters()).device
-    max_length = _max_positions(lm, tokenizer)
+    max_length = max_positions(lm, tokenizer)
     params = list(lm.parameters())
-    optimizer, schedule = _optimizer(params, lr, steps, warmup)
+    optimizer, schedule = make_optimizer(params, lr, steps, warmup)
     rng = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
@@ -241,46 +155,13 @@ def train_text_warmstart(
         picks = torch.randint(len(examples), (min(batch_size, len(examples)),), generator=rng).tolist()
         batch = text_batch(tokenizer, [examples[i] for i in picks], max_length, separator)
         loss = lm(**{k: v.to(device) for k, v in batch.items()}).loss  # HF shifts the labels by one
-        losses.append(_step(optimizer, schedule, loss, params, max_grad_norm))
+        losses.append(scheduled_step(optimizer, schedule, loss, params, max_grad_norm, "warm-start"))
     lm.eval()
-    return _summary(losses, time.perf_counter() - start)
+    return loss_summary(losses, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Image
-
-
-def diffusion_loss(
-    pipe: StableDiffusionPipeline, prompts: Sequence[str], pixels: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """The denoising loss of `pixels` [B, 3, H, W] in [-1, 1] given `prompts`, at uniformly drawn timesteps.
-
-    Prompts are encoded the way `StableDiffusionPipeline.encode_prompt` does (padded to the tokenizer's maximum
-    length, no attention mask unless the encoder asks for one), so training and sampling see the same states.
-    """
-    device = pipe.unet.device
-    states = encode_prompts(pipe, prompts)  # [B, L, D]
-    x0 = pixels.to(device)
-    if pipe.vae is not None:  # real Stable Diffusion: diffuse the VAE's scaled latents, not the pixels
-        with torch.no_grad():
-            x0 = pipe.vae.encode(x0).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
-    scheduler = pipe.scheduler
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
-    noisy = scheduler.add_noise(x0, noise, t)
-    prediction = pipe.unet(noisy, t, encoder_hidden_states=states).sample
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(x0, noise, t)
-    elif kind == "sample":
-        target = x0
-    else:
-        raise DppmgError(
-            f"image warm-start supports prediction_type epsilon, v_prediction or sample, not {kind!r}"
-        )
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
 def train_image_warmstart(
@@ -325,7 +206,7 @@ def train_image_warmstart(
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
     pipe.text_encoder.requires_grad_(train_text_encoder)
     params = [*pipe.unet.parameters(), *(pipe.text_encoder.parameters() if train_text_encoder else [])]
-    optimizer, schedule = _optimizer(params, lr, steps, warmup)
+    optimizer, schedule = make_optimizer(params, lr, steps, warmup)
     # EMAModel ramps its decay up as (1 + t) / (10 + t) to ema_decay, so early, random weights fade quickly.
     ema = EMAModel(params, decay=ema_decay, foreach=True) if ema_decay > 0 else None
     rng = torch.Generator().manual_seed(seed)
@@ -342,84 +223,14 @@ def train_image_warmstart(
             for i, drop, cap in zip(picks.tolist(), dropped.tolist(), captioned.tolist(), strict=True)
         ]
         loss = diffusion_loss(pipe, batch_prompts, pixels[picks], rng)
-        losses.append(_step(optimizer, schedule, loss, params, max_grad_norm))
+        losses.append(scheduled_step(optimizer, schedule, loss, params, max_grad_norm, "warm-start"))
         if ema is not None:
             ema.step(params)
     if ema is not None:
         ema.copy_to(params)
     pipe.unet.eval()
     pipe.text_encoder.eval()
-    return _summary(losses, time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Shared training helpers
-
-
-def _optimizer(
-    params: list[torch.nn.Parameter], lr: float, steps: int, warmup: float
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW, with a linear warm-up over the `warmup` share of `steps` and then a cosine decay to 0.
-
-    A few minutes of training is far from convergence, so the decay matters: the last steps at a small learning
-    rate settle the weights instead of leaving them wherever the last large step threw them.
-    """
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, round(warmup * steps), max(steps, 1))
-
-
-def guarded_step(
-    loss: torch.Tensor,
-    params: list[torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    max_grad_norm: float,
-) -> bool:
-    """Backward, clip and step: the NaN/inf guard every stage-2 optimizer step goes through.
-
-    A non-finite loss or gradient norm applies nothing (the gradients are cleared) and returns False, so one bad
-    batch cannot poison the weights; the caller counts and logs the skip.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss.detach()).all():
-        return False
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
-    return True
-
-
-def _step(
-    optimizer: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    loss: torch.Tensor,
-    params: list[torch.nn.Parameter],
-    max_grad_norm: float,
-) -> float:
-    """One warm-start step through `guarded_step`; returns the loss (non-finite when the step was skipped).
-
-    The schedule advances either way, so a skipped step does not shift the rest of the run.
-    """
-    value = float(loss.detach())
-    if not guarded_step(loss, params, optimizer, max_grad_norm):
-        logger.warning("warm-start: skipped a step with a non-finite loss or gradient (loss %s)", value)
-        value = float("nan")
-    schedule.step()
-    return value
-
-
-def _summary(losses: list[float], seconds: float) -> dict[str, float]:
-    finite = [x for x in losses if np.isfinite(x)]
-    window = max(1, round(len(finite) * LOSS_WINDOW))
-    nan = float("nan")
-    return {
-        "loss_first": float(np.mean(finite[:window])) if finite else nan,
-        "loss_last": float(np.mean(finite[-window:])) if finite else nan,
-        "seconds": seconds,
-        "steps": len(losses),
-    }
+    return loss_summary(losses, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,7 +283,7 @@ def _image_captions(ds: ProcessedDataset) -> list[str | None]:
     return [str(texts.iat[i]) if isinstance(texts.iat[i], str) else None for i in rows]
 
 
-def _tokenizer_corpus(items: pd.DataFrame) -> list[str]:
+def tokenizer_corpus(items: pd.DataFrame) -> list[str]:
     """Texts and keywords: what the tiny tokenizers must cover (prompts are keywords, targets are texts)."""
     values = pd.concat([items["text"], items["keywords"]], ignore_index=True)
     return [str(v) for v in values if v is not None and not pd.isna(v) and str(v).strip()]
@@ -510,7 +321,7 @@ def warm_start(
         logger.info("warm-started generators loaded from the cache %s", folder)
         return load_generators(folder, gen_cfg.device, model_cache, gen_cfg.dtype)
 
-    corpus = _tokenizer_corpus(ds.items)
+    corpus = tokenizer_corpus(ds.items)
     if not corpus:
         raise DppmgError(
             f"{ds.root}: items have neither text nor keywords; nothing to warm-start the generators on"

@@ -1,9 +1,13 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from dppmg.cli import main
 from dppmg.config import Config, load_config, to_yaml
 from dppmg.errors import DppmgError
+from stage2_generation.rewards import check_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +38,8 @@ def test_defaults_then_yaml_then_cli(tmp_path):
         (["justaword"], "key=value"),
         (["stage2.grounding.typical_share=0"], "stage2.grounding.typical_share"),
         (["stage2.grounding.typical_share=1.5"], "stage2.grounding.typical_share"),
+        (["stage2.rl.weights={}"], "stage2.rl.weights is empty"),
+        (["stage2.rl.weights={consistency:1.0}"], "as the one key 'a:1'"),  # YAML wants a space after ':'
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):
@@ -73,3 +79,45 @@ def test_resolved_yaml_roundtrips(tmp_path):
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_reward_weights_given_whole_on_the_command_line_replace_the_defaults():
+    cfg = load_config(None, ["stage2.rl.weights={consistency: 1.0}"])
+    assert cfg.stage2.rl.weights == {"consistency": 1.0}
+    # Overrides apply in order: a later whole mapping replaces what an earlier key edited.
+    cfg = load_config(None, ["stage2.rl.weights.fidelity=0", "stage2.rl={weights: {consistency: 1.0}}"])
+    assert cfg.stage2.rl.weights == {"consistency": 1.0}
+
+
+def test_reward_weights_in_a_yaml_file_replace_the_defaults(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("stage2:\n  rl:\n    weights:\n      consistency: 1.0\n      fidelity: 2.0\n")
+    assert load_config(y).stage2.rl.weights == {"consistency": 1.0, "fidelity": 2.0}
+    cfg = load_config(y, ["stage2.rl.weights.fidelity=0"])  # one key edits the file's mapping
+    assert cfg.stage2.rl.weights == {"consistency": 1.0, "fidelity": 0.0}
+
+
+def test_one_reward_weight_edits_only_that_key():
+    cfg = load_config(None, ["stage2.rl.weights.fidelity=0"])
+    assert cfg.stage2.rl.weights == {**Config().stage2.rl.weights, "fidelity": 0.0}
+    assert len(cfg.stage2.rl.weights) == 4
+
+
+def test_reward_names_are_checked_by_stage_2_not_the_config(capsys):
+    cfg = load_config(None, ["stage2.rl.weights.bogus=1"])  # the config knows no reward registry
+    assert cfg.stage2.rl.weights["bogus"] == 1.0
+    with pytest.raises(DppmgError, match="stage2.rl.weights: unknown reward 'bogus'; registered: "):
+        check_weights(cfg.stage2.rl.weights)
+    # `dppmg stage2` refuses it before any data or model is touched: exit code 2, the message, no traceback.
+    assert main(["stage2", str(REPO / "configs" / "default.yaml"), "stage2.rl.weights.bogus=1", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "stage2.rl.weights: unknown reward 'bogus'" in err and "Traceback" not in err
+
+
+def test_config_imports_no_stage_package():
+    code = (
+        "import sys; from dppmg.config import load_config; load_config(None, []); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0].startswith('stage')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"

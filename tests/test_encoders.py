@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dppmg import text_encoder
 from dppmg.errors import DppmgError
-from stage1_preference import encoders
-from stage1_preference.encoders import (
+from dppmg.text_encoder import (
     PACKAGED_MODEL,
     TextEncoder,
     cache_path,
@@ -79,7 +79,7 @@ def test_cache_is_written_once_and_reused(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although the cache holds the features")
 
-    monkeypatch.setattr(encoders, "TextEncoder", no_model)
+    monkeypatch.setattr(text_encoder, "TextEncoder", no_model)
     again = encode_texts(TEXTS, "sentence-transformers/all-MiniLM-L6-v2", cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(first, again)
     # Any change to the texts, their order or max_length is a different key.

@@ -19,7 +19,8 @@ from dppmg.image_encoder import MEAN, STD, EfficientNetEncoder, build_image_enco
 from dppmg.models import SOURCE_FILE, dequantized_folder, load_causal_lm, packaged
 from stage2_generation.generators import generate_texts
 from stage2_generation.injection import MASKED_LOGIT, inject_tokens, trainable_parameters
-from stage2_generation.warmstart import IGNORE_INDEX, chat_prompt, guarded_step, target_separator, text_batch
+from stage2_generation.prompts import chat_prompt, target_separator
+from stage2_generation.training import IGNORE_INDEX, guarded_step, text_batch
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "data" / "cache"  # where `make models` wrote the dequantized SmolLM2

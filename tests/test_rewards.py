@@ -11,6 +11,7 @@ from stage2_generation.rewards import (
     RewardConfig,
     RewardInputs,
     RewardResult,
+    check_weights,
     combine,
     finite_mask,
     group_advantages,
@@ -141,6 +142,15 @@ def test_unknown_reward_lists_registered_names():
     assert "persnalization" in str(err.value)
     with pytest.raises(DppmgError, match="unknown"):
         RewardConfig(weights={"nope": 1.0})
+
+
+def test_check_weights_names_the_unknown_reward_and_where_it_was_given():
+    check_weights(DEFAULT_WEIGHTS)
+    expected = "^stage2.rl.weights: unknown reward 'nope'; registered: consistency, fidelity, "
+    with pytest.raises(DppmgError, match=expected):
+        check_weights({"consistency": 1.0, "nope": 1.0})
+    with pytest.raises(DppmgError, match="^eval.weights: unknown reward 'nope'"):
+        check_weights({"nope": 1.0}, where="eval.weights")
 
 
 def test_inputs_with_mismatched_rows_or_ranks_are_refused():

@@ -13,7 +13,6 @@ from stage1_preference import train as train_mod
 from stage1_preference.train import run_stage1
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["stage1.epochs=6", "stage1.vq_warmup_epochs=2", "stage1.vq_codebook_size=16", "stage1.batch_size=128"]
 
 
 def cfg_for(tmp: Path, *overrides):
@@ -23,7 +22,6 @@ def cfg_for(tmp: Path, *overrides):
             f"data.root={tmp / 'data'}",
             f"features.cache_dir={tmp / 'cache'}",
             f"runs_dir={tmp / 'runs'}",
-            *FAST,
             *overrides,
         ],
     )

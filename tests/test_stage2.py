@@ -25,26 +25,6 @@ from stage2_generation.policy import Pair, completion_log_probs, sample_texts
 from stage2_generation.rewards import METRIC_NAMES, RewardResult
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE1 = [
-    "stage1.epochs=6",
-    "stage1.vq_warmup_epochs=2",
-    "stage1.vq_codebook_size=16",
-    "stage1.batch_size=128",
-]
-TINY = [
-    "stage2.generators.text_vocab=300", "stage2.generators.text_max_length=48", "stage2.generators.text_dim=32",
-    "stage2.generators.text_layers=1", "stage2.generators.text_heads=2", "stage2.generators.image_size=16",
-    "stage2.generators.unet_channels=[16,32]", "stage2.generators.unet_heads=2", "stage2.generators.unet_attention_levels=1",
-    "stage2.generators.text_encoder_vocab=100", "stage2.generators.text_encoder_max_length=12",
-    "stage2.generators.text_encoder_dim=32", "stage2.generators.text_encoder_layers=1",
-    "stage2.generators.text_encoder_heads=2",
-    "stage2.warmstart.text_steps=20", "stage2.warmstart.image_steps=6", "stage2.warmstart.batch_size=8",
-    "stage2.grounding.text_steps=4", "stage2.grounding.image_steps=2", "stage2.grounding.batch_size=8",
-    "stage2.rl.iterations=1", "stage2.rl.pairs_per_round=2", "stage2.rl.group_size=2",
-    "stage2.rl.minibatch_size=2", "stage2.rl.image_steps=3",
-    "stage2.generation.heldout_users=4", "stage2.generation.gallery_users=2",
-    "stage2.generation.max_new_tokens=8", "stage2.generation.image_steps=3", "stage2.generation.batch_size=8",
-]  # fmt: skip
 
 
 def cfg_for(tmp: Path, *overrides):
@@ -52,7 +32,7 @@ def cfg_for(tmp: Path, *overrides):
         REPO / "configs" / "debug.yaml",
         [
             f"data.root={tmp / 'data'}", f"features.cache_dir={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}",
-            *STAGE1, *TINY, *overrides,
+            *overrides,
         ],
     )  # fmt: skip
 
@@ -244,7 +224,9 @@ def test_stage2_writes_the_contract(finished):
     for key in ("images_per_second", "tokens_per_second", "rl_iteration_seconds"):
         assert m[key] > 0
     assert m["heldout_pairs"] == 4 and len(m["rl_history"]) == cfg.stage2.rl.iterations
-    assert all("met" in v for v in m["gains"].values())
+    assert "gains" not in m  # the issues' thresholds live in benchmarks/targets.py, not in the library
+    assert m["stage1"]["config"]["stage1"]["vq_codebook_size"] == cfg.stage1.vq_codebook_size
+    assert (out / "tokens_grounded.safetensors").is_file()
     # The ceiling: catalogue items with each user's true tastes, judged to have them.
     oracle = m["heldout_oracle"]
     assert oracle["hit_image"] >= 0.75 and oracle["hit_text"] >= 0.5, oracle
@@ -287,11 +269,6 @@ def test_the_image_judge_and_the_intervals_reach_metrics_json(world, monkeypatch
             diff["low"] > 0 or diff["high"] < 0
         )
     assert set(m["heldout_differences"]) == {"grounded_minus_none", "rl_minus_none", "rl_minus_grounded"}
-    judge = m["gains"]["judge_personalization_rl_over_none"]
-    assert judge["met"] == (judge["ci"][0] > 0) and judge["value"] == pytest.approx(
-        m["heldout_differences"]["rl_minus_none"]["judge_history_all"]["mean"]
-    )
-    assert "personalization_text_rl_over_none" in m["gains"]
 
 
 def test_rerun_is_a_no_op_and_another_config_needs_overwrite(finished, monkeypatch):

@@ -16,13 +16,9 @@ from dppmg.errors import DppmgError
 from dppmg.scorer import Scorer, build_tiny_scorer
 from stage2_generation import warmstart
 from stage2_generation.generators import build_generators, image_shape
+from stage2_generation.prompts import chat_prompt, fill_prompt, target_separator
+from stage2_generation.training import IGNORE_INDEX, diffusion_loss, guarded_step, make_optimizer, text_batch
 from stage2_generation.warmstart import (
-    IGNORE_INDEX,
-    chat_prompt,
-    diffusion_loss,
-    fill_prompt,
-    target_separator,
-    text_batch,
     text_warmstart_examples,
     train_image_warmstart,
     train_text_warmstart,
@@ -234,7 +230,7 @@ def test_diffusion_loss_targets_the_configured_prediction(kind: str) -> None:
 
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     params = [torch.nn.Parameter(torch.zeros(1))]
-    optimizer, schedule = warmstart._optimizer(params, lr=1e-2, steps=20, warmup=0.1)
+    optimizer, schedule = make_optimizer(params, lr=1e-2, steps=20, warmup=0.1)
     lrs = []
     for _ in range(20):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -371,9 +367,9 @@ def test_guarded_step_skips_a_non_finite_step_and_applies_nothing(bad):
         "gradient": lambda: (weight - 1.0).clamp(min=0).sqrt().sum(),
     }
     loss = losses[bad]()
-    assert not warmstart.guarded_step(loss, [weight], optimizer, max_grad_norm=1.0)
+    assert not guarded_step(loss, [weight], optimizer, max_grad_norm=1.0)
     assert torch.equal(weight.detach(), torch.tensor([1.0, 2.0]))
     assert weight.grad is None  # cleared, so a later step does not apply it
 
-    assert warmstart.guarded_step((weight**2).sum(), [weight], optimizer, max_grad_norm=100.0)
+    assert guarded_step((weight**2).sum(), [weight], optimizer, max_grad_norm=100.0)
     assert torch.allclose(weight.detach(), torch.tensor([0.8, 1.6]))  # w − 0.1 · 2w

@@ -112,7 +112,7 @@ def _write_dataset(
             root, meta, "text", raw.features["text"][rows], encoder=raw.info.get("text_features", "source")
         )
     elif has_text:
-        from stage1_preference.encoders import encode_texts, text_encoder_name
+        from dppmg.text_encoder import encode_texts, text_encoder_name
 
         f = cfg.features
         feats = encode_texts(

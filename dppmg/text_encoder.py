@@ -1,4 +1,7 @@
-"""Text item features: mean-pooled, L2-normalised sentence embeddings from a Hugging Face encoder.
+"""The shared text encoder: mean-pooled, L2-normalised sentence embeddings from a Hugging Face encoder.
+
+Data preparation encodes item texts with it (stage 1's text features) and stage 2 embeds generated texts with it
+(the rewards, the attribute judge), so it lives in `dppmg/`, below both stages.
 
 The recipe is sentence-transformers' (token states → mean over the attention mask → L2 norm), written
 here on plain transformers so that the default encoder, all-MiniLM-L6-v2, runs from the offline copy in

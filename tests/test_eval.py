@@ -1,0 +1,195 @@
+"""`dppmg eval` on the debug world: every method, the metric list, intervals, outputs, cache, ablations, contract."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import text_token_checkpoint
+
+from dppmg.cli import main
+from dppmg.config import load_config
+from dppmg.errors import DppmgError
+from dppmg.io import read_json
+from stage1_preference.train import run_stage1
+from stage2_generation.evaluation import run as run_mod
+from stage2_generation.evaluation.methods import continuous_checkpoint, variant_weights
+from stage2_generation.evaluation.metrics import Judges, diversity, judge_consistency
+from stage2_generation.evaluation.run import diversity_groups, run_eval
+from stage2_generation.pipeline import load_components, run_stage2
+from stage2_generation.policy import Pair
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(tmp: Path, *overrides):
+    paths = [f"data.root={tmp / 'data'}", f"features.cache_dir={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}"]
+    return load_config(REPO / "configs" / "debug.yaml", [*paths, *overrides])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """The debug world after stage 1, stage 2 and eval, with the configs/debug.yaml settings only."""
+    tmp = tmp_path_factory.mktemp("eval")
+    cfg = cfg_for(tmp)
+    run_stage1(cfg, progress=False)
+    run_stage2(cfg, progress=False)
+    return tmp, cfg, run_eval(cfg, progress=False)
+
+
+def test_eval_scores_every_method_on_the_same_pairs(evaluated):
+    _, cfg, out = evaluated
+    r = read_json(out / "results.json")
+    assert list(r["methods"]) == cfg.eval.methods  # the synthetic world has the oracle too
+    assert r["pairs"] == 4 and r["seeds"] == [0, 1, 2]
+    for name, row in r["methods"].items():
+        for metric in ("personalization", "consistency", "fidelity", "hit_image", "judge_consistency"):
+            i = row[metric]
+            assert i["low"] <= i["mean"] <= i["high"] and len(i["seed_means"]) == 3, (name, metric)
+            # the pooled mean is the mean of the per-seed means (every seed scores the same pairs)
+            assert i["mean"] == pytest.approx(np.mean(i["seed_means"]), abs=1e-9), (name, metric)
+        assert 0 <= row["diversity_image"]["mean"] <= 2
+    # paired differences against dppmg, each marked significant exactly when its interval excludes 0
+    assert set(r["differences"]) == {f"dppmg_minus_{m}" for m in cfg.eval.methods if m != "dppmg"}
+    for diffs in r["differences"].values():
+        for i in diffs.values():
+            if np.isfinite(i["mean"]):
+                assert i["significant"] == (i["low"] > 0 or i["high"] < 0)
+    # the oracle is catalogue items with the users' tastes: the attribute judge sees them
+    assert r["methods"]["oracle"]["hit_image"]["mean"] >= 0.75
+    # the same tokens as stage 2 and seed 0 as stage 2's own seed: dppmg reproduces heldout.rl
+    s2 = read_json(cfg.run_dir / "stage2" / "metrics.json")
+    rl = s2["heldout"]["rl"]
+    seed0 = r["methods"]["dppmg"]["personalization_text"]["seed_means"][0]
+    assert seed0 == pytest.approx(rl["personalization_text"], abs=1e-5)
+    assert r["methods"]["dppmg_sft"]["fidelity"]["seed_means"][0] == pytest.approx(
+        s2["heldout"]["grounded"]["fidelity"], abs=1e-5
+    )
+    assert r["pmg"]["extractor"].startswith("stand-in") and r["pmg"]["samples"]
+
+
+def test_eval_writes_the_table_the_plots_and_the_page(evaluated):
+    _, cfg, out = evaluated
+    md = (out / "results.md").read_text()
+    assert "| DPPMG |" in md and "| PMG |" in md and "dppmg −" in md
+    for png in ("metrics.png", "tradeoff.png"):
+        data = (out / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    r = read_json(out / "results.json")
+    assert [p["alpha"] for p in r["tradeoff"]["pmg"]] == cfg.eval.tradeoff_alphas
+    assert sorted(p["fidelity_weight"] for p in r["tradeoff"]["dppmg"]) == [0.5, 2.0]
+    page = (out / "index.html").read_text()
+    assert page.count('class="plot"') == 2 and "DPPMG" in page and "PMG" in page
+    assert "http" not in page.replace("http-equiv", "")  # offline: everything inline
+
+
+def test_a_rerun_reuses_the_cached_generations(evaluated, monkeypatch):
+    _, cfg, out = evaluated
+    before = read_json(out / "results.json")["methods"]
+    from stage2_generation.evaluation import methods as methods_mod
+
+    monkeypatch.setattr(methods_mod, "generate_with_tokens", lambda *a, **k: pytest.fail("generated again"))
+    run_eval(cfg, progress=False)
+    after = read_json(out / "results.json")["methods"]
+    assert after["dppmg"]["personalization"] == before["dppmg"]["personalization"]
+
+
+def test_the_reward_ablation_trains_on_a_reward_without_consistency(evaluated):
+    _, cfg, out = evaluated
+    weights = [read_json(p) for p in (out / "variants").glob("no_consistency-*/weights.json")]
+    assert weights == [{k: v for k, v in cfg.stage2.rl.weights.items() if k != "consistency"}]
+    assert variant_weights(cfg, set_={"fidelity": 2.0})["fidelity"] == 2.0
+    with pytest.raises(DppmgError, match="no term left"):
+        variant_weights(cfg, drop=list(cfg.stage2.rl.weights))
+
+
+def test_the_metrics_do_not_depend_on_the_rl_weights(evaluated):
+    _, cfg, _ = evaluated
+    c = load_components(cfg, progress=False)
+    pairs = [Pair(0, "lamp", 0), Pair(1, "chair", 1)]
+    texts, images = ["a red lamp", "a chair"], np.full((2, 16, 16, 3), 120, dtype=np.uint8)
+    a = Judges(c.rewarder).score(pairs, texts, images)
+    c.rewarder.weights = {"consistency": 1.0}
+    b = Judges(c.rewarder).score(pairs, texts, images, reward_weights=c.rewarder.weights)
+    for m in a:
+        np.testing.assert_allclose(a[m], b[m])
+    np.testing.assert_allclose(b["reward"], b["consistency"])  # the reward is exactly the one term left
+
+
+def test_eval_before_stage2_and_with_another_config_is_refused(evaluated):
+    tmp, _, _ = evaluated
+    with pytest.raises(DppmgError, match="no finished stage 2"):
+        run_eval(cfg_for(tmp, "run_name=nothing-yet"), progress=False)
+    with pytest.raises(DppmgError, match="another configuration"):
+        run_eval(cfg_for(tmp, "stage2.rl.lr_text=0.5"), progress=False)
+    assert main(["eval", str(REPO / "configs" / "debug.yaml"), f"runs_dir={tmp / 'none'}", "-q"]) != 0
+
+
+def test_stage2_refuses_tokens_of_other_sizes_naming_the_difference(evaluated):
+    """The stage-1 -> stage-2 contract: the checkpoint must have the sizes this config's stage 1 makes."""
+    _, cfg, _ = evaluated
+    other = cfg_for(Path(cfg.runs_dir).parent, "stage1.vq_codebook_size=8", "run_name=" + cfg.run_name)
+    with pytest.raises(DppmgError, match=r"codebook_size of text: checkpoint has 16, expected 8"):
+        load_components(other, progress=False)
+
+
+# --- units ----------------------------------------------------------------------------------------------
+
+
+def test_judge_consistency_compares_what_the_text_says_with_what_the_image_shows():
+    judge = SimpleNamespace(vocab={"category": ["lamp", "chair"], "colour": ["red", "blue"]})
+    seen_image = {"category": ["lamp", "lamp", "chair"], "colour": ["red", "red", "blue"]}
+    seen_text = {"category": ["lamp", "chair", "chair"]}
+    texts = ["a red lamp", "a chair in blue", "a plain chair"]
+    got = judge_consistency(judge, seen_image, seen_text, texts)
+    # pair 0: category and colour agree; pair 1: neither; pair 2: the category, and no colour stated
+    np.testing.assert_allclose(got, [1.0, 0.0, 1.0])
+
+
+def test_diversity_is_zero_for_identical_generations_and_positive_otherwise():
+    class Enc:
+        def encode(self, texts, progress=False):
+            return np.asarray([[1.0, 0.0] if t == "a" else [0.0, 1.0] for t in texts], dtype=np.float32)
+
+    class Scorer:
+        def encode_images(self, images):
+            return torch.from_numpy(images.reshape(len(images), -1).astype(np.float32))
+
+    rewarder = SimpleNamespace(text_encoder=Enc(), scorer=Scorer())
+    images = np.stack(
+        [np.eye(2, dtype=np.uint8)[[0]].reshape(1, 2, 1)] * 2
+        + [np.eye(2, dtype=np.uint8)[[1]].reshape(1, 2, 1)]
+    )
+    d = diversity(rewarder, [[0, 1], [1, 2]], ["a", "a", "b"], images)
+    np.testing.assert_allclose(d["diversity_text"], [0.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(d["diversity_image"], [0.0, 1.0], atol=1e-12)
+
+
+def test_diversity_groups_share_a_target_across_different_users():
+    pairs = [Pair(u, f"t{u % 3}", u % 3) for u in range(12)]
+    groups = diversity_groups(pairs)
+    for g in groups:
+        assert len({p.keywords for p in g}) == 1 and len({p.user for p in g}) == len(g) > 1
+    assert len(groups) == 3
+
+
+def test_the_continuous_checkpoint_gives_every_user_their_own_vector(tmp_path):
+    codes = [[0, 1], [1, 0], [2, 2], [0, 0], [1, 1]]
+    ckpt = text_token_checkpoint(tmp_path, levels=2, size=3, dim=4, codes=codes, content_hash="h")
+    cont = continuous_checkpoint(ckpt)
+    assert cont.levels("text") == 1 and cont.codebook_size("text") == ckpt.num_users == 5
+    torch.testing.assert_close(cont.decoded("text"), ckpt.user_vectors["text"].float())
+    assert cont.user_tokens(3, "text") == [f"<{ckpt.prefix('text')}c_0_3>"]
+    assert not set(cont.token_strings("text")) & set(ckpt.token_strings("text"))
+    cont.check_compatible("h")  # a valid checkpoint for injection: same dataset
+
+
+def test_run_eval_counts_pairs_and_seeds(evaluated):
+    _, cfg, out = evaluated
+    cached = sorted((out / "cache" / "dppmg").glob("seed*.npz"))
+    assert len(cached) == len(cfg.eval.seeds)
+    with np.load(cached[0]) as z:
+        assert z["images"].shape[0] == 4 and json.loads(str(z["meta"]))["texts"]
+    assert run_mod.REFERENCE == "dppmg"
