@@ -11,8 +11,9 @@ PMG in four steps, one section each below:
 
        score(w) = log p(w | history prompt) / |w|  -  log p(w | history-free prompt) / |w|     (|w| = its tokens)
 
-   the pointwise mutual information between the word and the history. This is PMG's bias correction: without it
-   the words that any prompt makes likely win for every user. The best `num_keywords` are the user's keywords.
+   the pointwise mutual information between the word and the history: a bias correction in the spirit of PMG's
+   bias-corrected LLM, without which the words that any prompt makes likely would win for every user. The best
+   `num_keywords` are the user's keywords.
 3. Implicit soft embeddings. `soft_tokens` trainable vectors placed after the prompt are read by the frozen LLM;
    its last hidden states there, mapped into the image generator's text-encoder space, are extra conditioning rows
    [B, K, D] for the UNet's cross-attention. Only that soft module trains, on the diffusion loss of training
@@ -24,19 +25,19 @@ PMG in four steps, one section each below:
    keywords where DPPMG puts its tokens (the warm-start's hint copies taught it to use words there).
 
 Where this differs from the paper, and why:
-- The LLM is frozen. PMG fine-tunes a LLaMA-2 with multimodal tokens; the only LLM that ships offline here is
-  SmolLM2-135M-Instruct, and when it is not installed the stage-2 text generator stands in (`load_extractor_lm`
-  names which one ran).
-- Keywords come from a closed vocabulary, ranked by likelihood, rather than being generated: a 135M LLM asked for
-  keywords mostly repeats the prompt, and a ranking gives every user exactly `num_keywords` catalogue words.
+- The LLM is frozen and reads text only (the paper tunes a bias-corrected LLM with multimodal tokens). The only
+  LLM that ships offline here is SmolLM2-135M-Instruct; when it is not installed the stage-2 text generator stands
+  in, and `load_extractor_lm` names which one ran.
+- Keywords are chosen from a closed vocabulary by likelihood rather than generated: no sampling, and every
+  keyword is a catalogue word.
 - The soft embeddings are input-level prompt tuning (Lester et al., 2021) with a learned output map, not P-Tuning
-  v2's prefixes at every layer: the history is read once into a key/value cache (`Prefix`) that the soft tokens
-  attend to, so a training step runs the LLM on K tokens per row instead of the whole prompt, and the per-layer
-  prefixes would add L·K·2 vectors per layer to learn from a few hundred images.
+  v2's trainable prefixes in every layer. Those prefixes come before the prompt, so every training step would run
+  the LLM forward and backward over the whole history (~250 tokens for SmolLM2 on MovieLens); soft tokens after
+  the prompt attend to its key/value cache (`Prefix`), computed once, so a step runs the LLM on K tokens per row.
 
-Everything here leaves DPPMG's injected tokens alone: no prompt contains a preference token, and every frozen model
-(the LLM, which may be the stage-2 text generator with its injected rows, the UNet, the text encoder) is frozen
-only for the duration of a call and given back as it was.
+Everything here leaves DPPMG's injected tokens alone: no prompt contains a preference token, the LLM (which may be
+the stage-2 text generator, injected rows included) and the UNet are frozen only for the duration of a call and
+given back as they were, and the text encoder only ever runs without gradients.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from dppmg.data.format import ProcessedDataset
 from dppmg.data.imageio import load_image_array
 from dppmg.errors import DppmgError
 from dppmg.models import HUB_ID, load_causal_lm, packaged, resolve_causal_lm
-from stage2_generation.evaluate import Rewarder
+from stage2_generation.evaluate import Rewarder, user_histories
 from stage2_generation.generators import Generators, encode_prompts, generate_texts, image_shape
 from stage2_generation.policy import Pair, samples_to_uint8
 from stage2_generation.prompts import chat_prompt, fill_prompt
@@ -76,6 +77,7 @@ CHAT_REQUEST = "Describe this user's taste in a few keywords."
 KEYWORD_CUE = "Keywords for this user's taste:"
 ITEM_WORDS = 8  # each history item is its text's first words: ten items stay near 100 tokens
 MIN_WORD_LETTERS = 3
+MAX_ITEM_SHARE = 0.5  # a word in more of the items than this is left out of the vocabulary
 # A small English stopword list (the catalogue vocabulary's filter); numbers never pass `str.isalpha`.
 STOPWORDS = frozenset(
     """
@@ -151,8 +153,6 @@ def history_prompt(
 ) -> str:
     """The prompt of the user's last `n` training items (`histories`: `evaluate.user_histories(ds)`, oldest first)."""
     if histories is None:
-        from stage2_generation.evaluate import user_histories
-
         histories = user_histories(ds)
     history = histories.get(int(user), np.zeros(0, dtype=np.int64))
     return items_prompt(ds, history[-n:] if n > 0 else [], tokenizer, max_tokens)
@@ -293,13 +293,18 @@ def content_words(text: Any) -> list[str]:
 def keyword_vocabulary(ds: ProcessedDataset, size: int) -> list[str]:
     """The catalogue's `size` most frequent content words (item texts and keywords), most frequent first.
 
+    Words in more than MAX_ITEM_SHARE of the items are the catalogue's format, not a taste ("genres" in every
+    MovieLens text): every history contains them, so PMI would rank them high for everyone. They are left out.
     Ties go alphabetically, so the vocabulary is a function of the catalogue alone.
     """
     counts: Counter[str] = Counter()
-    for column in ("text", "keywords"):
-        for value in ds.items[column]:
-            counts.update(content_words(value))
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    items: Counter[str] = Counter()  # in how many items each word occurs
+    for text, keywords in zip(ds.items["text"], ds.items["keywords"], strict=True):
+        words = content_words(text) + content_words(keywords)
+        counts.update(words)
+        items.update(set(words))
+    common = MAX_ITEM_SHARE * len(ds.items)
+    ranked = sorted(((w, n) for w, n in counts.items() if items[w] <= common), key=lambda kv: (-kv[1], kv[0]))
     return [w for w, _ in ranked[:size]]
 
 
@@ -319,11 +324,14 @@ class KeywordExtractor:
         vocabulary: the candidate keywords C (each is scored as " " + word, the continuation of the cue).
         num_keywords: how many keywords `extract` keeps per user.
 
-    One prompt costs one forward pass of the prompt (`encode_prefixes`) plus, for the candidates of more than
-    one token only, one pass of their tokens but the last over the cached prompt: a candidate's first token is
-    read from the prompt's own next-token distribution. Measured on one CPU thread, 64 users × 300 candidates:
-    2.0 s with the tiny GPT-2 of tests/test_pmg.py (1 layer, 32 dims; 226 candidates of several tokens, ~66-token
-    prompts), 3.6 s with stage 2's default tiny GPT-2 (2 layers, 64 dims), SMOLLM2_TIMING with SmolLM2-135M.
+    Cost: one forward pass of each prompt (`encode_prefixes`, shared with the soft embeddings), whose next-token
+    distribution scores every candidate's first token; the later tokens of the longer candidates are packed after
+    the cached prompt (`_packed`), so one LLM call scores them all. Measured on one CPU thread (the other core
+    busy), 64 prompts × 300 candidates: 0.8 s with the tiny GPT-2 of tests/test_pmg.py (1 layer, 32 dims; ~66-token
+    prompts; 226 candidates of several tokens), 1.9 s with stage 2's default tiny GPT-2 (2 layers, 64 dims).
+    SmolLM2-135M on MovieLens (246-token chat prompts, 59 of 300 candidates of several tokens): 1.5 s a prompt
+    to read it, 0.6 s to score its candidates (4.0 s before packing, with a cache copy per candidate). Two torch
+    threads on a loaded machine were 4-8 times slower than one.
     """
 
     def __init__(
@@ -569,9 +577,14 @@ def image_prompt(template: str, target_keywords: str, preference: Sequence[str])
 
     Preference words already in the target keywords are left out ("lamp" before "red lamp" says nothing new).
     """
+    return fill_prompt(template, target_keywords, preference_slot(target_keywords, preference))
+
+
+def preference_slot(target_keywords: str, preference: Sequence[str]) -> str:
+    """What goes in a template's {tokens} slot: the preference words not already in the target, and a space."""
     taken = set(str(target_keywords).lower().split())
     words = [w for w in preference if w not in taken]
-    return fill_prompt(template, target_keywords, " ".join(words) + " " if words else "")
+    return " ".join(words) + " " if words else ""
 
 
 def conditioning(states: Tensor, soft: Tensor) -> Tensor:
@@ -652,10 +665,10 @@ class SoftTrainResult:
 
 
 def training_rows(
-    ds: ProcessedDataset, histories: dict[int, np.ndarray], users: Sequence[int], history_items: int
+    ds: ProcessedDataset, histories: dict[int, np.ndarray], users: Sequence[int]
 ) -> list[tuple[int, list[int], int]]:
-    """(user, history items, held-back item) per user: the last training item with an image, after the items
-    before it, as a held-out user's test item follows their training history. Users without one are skipped."""
+    """(user, history, held-back item) per user: the last training item with an image, and the items before it
+    (oldest first), as a held-out user's test item follows their training history. Users without one are skipped."""
     has_image = ds.items["image"].notna().to_numpy()
     rows = []
     for u in users:
@@ -664,7 +677,7 @@ def training_rows(
         if not with_image or with_image[-1] == 0:
             continue
         last = with_image[-1]
-        rows.append((int(u), history[:last][-history_items:], history[last]))
+        rows.append((int(u), history[:last], history[last]))
     return rows
 
 
@@ -844,7 +857,7 @@ class PMGMethod:
 
     def training_data(self, users: Sequence[int], progress: bool = True) -> SoftTrainingData:
         """The soft module's rows for these training users (`training_rows`), with their keywords and images."""
-        rows = training_rows(self.ds, self.rewarder.history, users, self.history_items)
+        rows = training_rows(self.ds, self.rewarder.history, users)
         prefixes = self.extractor.prefixes(self.prompts_for([h for _, h, _ in rows]), self.room, progress)
         keywords = self.extractor.extract(prefixes, progress)
         template = self.prompts.image_prompt
@@ -923,7 +936,7 @@ class PMGMethod:
         """The text generator's prompts: the warm-start template with the preference keywords in the tokens slot."""
         cfg = self.prompts
         prompts = [
-            fill_prompt(cfg.text_prompt, p.keywords, " ".join(w) + " " if w else "")
+            fill_prompt(cfg.text_prompt, p.keywords, preference_slot(p.keywords, w))
             for p, w in zip(pairs, keywords, strict=True)
         ]
         if cfg.text_chat:

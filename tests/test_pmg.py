@@ -4,6 +4,7 @@ selection, generation, and the stand-in LLM; on a hand-made catalogue of eight i
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from collections import Counter
 from pathlib import Path
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import text_token_checkpoint
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerFast
@@ -21,7 +23,7 @@ from transformers import DynamicCache, PreTrainedTokenizerFast
 from dppmg.config import GenerationConfig, GeneratorConfig, PMGConfig, ScorerConfig, WarmStartConfig
 from dppmg.data.format import ProcessedDataset
 from dppmg.data.imageio import write_image_array
-from dppmg.models import PackagedModel
+from dppmg.models import PackagedModel, packaged
 from dppmg.scorer import build_tiny_scorer
 from stage2_generation import pmg as pmg_mod
 from stage2_generation.evaluate import Rewarder
@@ -35,6 +37,8 @@ from stage2_generation.pmg import (
     conditioning,
     describe_history,
     history_prompt,
+    image_prompt,
+    items_prompt,
     keyword_vocabulary,
     load_extractor_lm,
     preference_prompt,
@@ -43,7 +47,7 @@ from stage2_generation.pmg import (
     train_soft_preference,
     unconditional,
 )
-from stage2_generation.policy import Pair
+from stage2_generation.policy import Pair, Policy
 from stage2_generation.rewards import pmg_objective
 
 # (text, keywords, colour): two tastes, vintage red wood and modern blue metal, and an item with a number.
@@ -59,6 +63,7 @@ ITEMS = [
 ]
 # user -> (training items oldest first, test item)
 HISTORIES = {0: ([0, 1, 7], 2), 1: ([3, 4, 6], 5), 2: ([1, 7], 0), 3: ([4, 5], 3)}
+REPO = Path(__file__).resolve().parents[1]
 SIDE = 16
 STEPS = 4  # soft-training steps in the test that the loss falls
 GEN = GeneratorConfig(
@@ -126,9 +131,10 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def method(world) -> PMGMethod:
     ds, gen, rewarder = world
-    built, _ = build_pmg_method(
+    built, result = build_pmg_method(
         gen, WarmStartConfig(), rewarder, [0, 1, 2, 3], PMG, GENERATION, None, 0, False
     )
+    assert result.steps == PMG.train_steps and result.rows == 4
     return built
 
 
@@ -153,6 +159,10 @@ def test_vocabulary_is_content_words_by_frequency(world):
     assert not {"the", "for", "with", "2024"} & set(vocab) and {"vintage", "cushion"} <= set(vocab)
     assert all(w.isalpha() and len(w) >= 3 for w in vocab)
     assert keyword_vocabulary(ds, 4) == vocab[:4]
+    texts = ["Genres: drama", "Genres: comedy, drama", "Genres: war", "Genres: comedy", "Genres: western"]
+    catalogue = SimpleNamespace(items=pd.DataFrame({"text": texts, "keywords": [None] * 5}))
+    # "genres" is in every item: the catalogue's format, not a taste.
+    assert keyword_vocabulary(catalogue, 10) == ["comedy", "drama", "war", "western"]
 
 
 def test_history_prompt_lists_the_last_items_and_fits_the_budget(world):
@@ -281,16 +291,10 @@ def test_soft_embeddings_shape_and_dependence_on_history(world):
     lm, tok = gen.lm, gen.lm_tokenizer
     dim = gen.pipe.text_encoder.config.hidden_size
     soft = SoftPreference(lm, 3, dim, tok.vocab_size, seed=0)
-    assert {n for n, _ in soft.named_parameters()} == {
-        "tokens",
-        "proj.weight",
-        "proj.bias",
-        "norm.weight",
-        "norm.bias",
-    }
-    prefixes = KeywordExtractor(lm, tok, ["red"], 1).prefixes(
-        [describe_history(ds, [0, 1]), describe_history(ds, [3])]
-    )
+    names = {n for n, _ in soft.named_parameters()}
+    assert names == {"tokens", "proj.weight", "proj.bias", "norm.weight", "norm.bias"}  # no LLM weight
+    prompts = [describe_history(ds, [0, 1]), describe_history(ds, [3])]
+    prefixes = KeywordExtractor(lm, tok, ["red"], 1).prefixes(prompts, room=3)
     with torch.no_grad():
         out = soft(prefixes)
         alone = soft(prefixes[1:])
@@ -323,9 +327,7 @@ def test_training_lowers_the_loss_and_changes_only_the_soft_module(world, method
     assert all(not torch.equal(before[k], v) for k, v in soft.state_dict().items())
     assert all(unchanged(saved, module) for module, saved in frozen.values())
     assert [p.requires_grad for p in gen.lm.parameters()] == flags
-    assert all(p.grad is None for p in gen.lm.parameters()) and all(
-        p.grad is None for p in gen.pipe.unet.parameters()
-    )
+    assert all(p.grad is None for m in (gen.lm, gen.pipe.unet) for p in m.parameters())
 
 
 # --- selection and generation --------------------------------------------------------------------------
@@ -363,3 +365,59 @@ def test_generation_shapes_determinism_and_personalization(world, method):
     other = method.generate([Pair(1, "lamp", 2)], seed=3, progress=False)[2]
     assert other["keywords"][0] != info["keywords"][0]
     assert not np.array_equal(other["candidates"][0], candidates[0])
+
+
+def test_prompts_put_the_keywords_where_the_tokens_go(method):
+    pair = Pair(0, "red lamp", 2)
+    assert method.text_prompts([pair], [["vintage", "red", "wooden"]]) == ["vintage wooden red lamp:"]
+    assert image_prompt("{keywords}", "red lamp", ["vintage"]) == "vintage red lamp"
+    assert image_prompt("a photo of {tokens}{keywords}", "lamp", []) == "a photo of lamp"
+
+
+def test_dppmg_token_rows_are_left_alone(world, tmp_path):
+    """With DPPMG's tokens injected into the stand-in LLM, PMG trains and generates without touching their rows."""
+    ds, _, rewarder = world
+    texts = [*ds.items["text"], *ds.items["keywords"]]
+    gen = build_generators(GEN, texts, seed=1)
+    ckpt = text_token_checkpoint(tmp_path / "tokens", 2, 4, 8, [[0, 1], [2, 3], [1, 1], [3, 0]], "feedbeef")
+    policy = Policy.inject(gen, ckpt, "feedbeef", WarmStartConfig())
+    rows = policy.parameters()
+    before = [p.detach().clone() for p in rows]
+    method, _ = build_pmg_method(gen, policy.prompts, rewarder, [0, 1, 2, 3], PMG, GENERATION, None, 0, False)
+    method.generate([Pair(0, "lamp", 2)], seed=0, progress=False)
+    assert all(p.requires_grad and p.grad is None for p in rows)
+    assert all(torch.equal(a, p) for a, p in zip(before, rows, strict=True))
+
+
+@pytest.mark.slow
+def test_smollm2_packed_scores_and_soft_embeddings(world):
+    """The real extractor (Llama: rotary positions, grouped-query attention): packed scores are exact, and the
+    soft embeddings' gradient reaches the soft module only. About 10 s once SmolLM2's dequantized copy exists."""
+    model = packaged("SmolLM2-135M-Instruct")
+    if importlib.util.find_spec(model.module) is None:
+        pytest.skip(f"the package {model.module} is not installed (`make models` installs it)")
+    ds = world[0]
+    lm, tok, name = load_extractor_lm(model.name, REPO / "data" / "cache", None, None)
+    assert name == model.name
+    vocab = [*keyword_vocabulary(ds, 20), "bohemian", "farmhouse"]  # SmolLM2 splits these two
+    extractor = KeywordExtractor(lm, tok, vocab, 3)
+    prompts = [items_prompt(ds, [0, 1, 7], tok), items_prompt(ds, [3], tok)]
+    prefixes = extractor.prefixes(prompts, room=2)
+    got = extractor.log_probs(prefixes)
+    longer = [c for c, ids in enumerate(extractor.candidate_ids) if len(ids) > 1]
+    assert longer  # the packed path is exercised
+    with torch.no_grad():
+        for u, prompt in enumerate(prompts):
+            for c in [*longer[:3], 0]:
+                ids = extractor.candidate_ids[c]
+                logp = torch.log_softmax(
+                    lm(torch.tensor([tok(prompt)["input_ids"] + ids])).logits[0].float(), -1
+                )
+                want = logp[-len(ids) - 1 : -1].gather(-1, torch.tensor(ids)[:, None]).mean()
+                assert got[u, c].item() == pytest.approx(want.item(), abs=1e-3)
+    soft = SoftPreference(lm, 2, 32, tok.vocab_size, seed=0)
+    out = soft(prefixes)
+    assert out.shape == (2, 2, 32) and torch.isfinite(out).all()
+    out.pow(2).mean().backward()
+    assert soft.tokens.grad is not None and soft.tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in lm.parameters())
