@@ -417,7 +417,8 @@ class PMGConfig:
 
     # The LLM that reads the history as natural language: it picks the preference keywords (by likelihood, from
     # the catalogue's vocabulary) and produces the soft preference embeddings. A packaged name, GGUF file, folder
-    # or hub id (dppmg/models.py). When it is not installed, the stage-2 text generator stands in, and says so.
+    # or hub id (dppmg/models.py). When it is not installed, or with "stand-in", the stage-2 text generator
+    # stands in, and eval/results.md says so.
     llm: str = "SmolLM2-135M-Instruct"
     history_items: int = 10  # most recent history items written into the prompt
     num_keywords: int = 5  # preference keywords per user

@@ -71,6 +71,7 @@ from stage2_generation.prompts import chat_prompt, fill_prompt
 from stage2_generation.rewards import fidelity_image, personalization_image, pmg_objective
 from stage2_generation.training import loss_summary, make_optimizer, max_positions, scheduled_step
 
+STAND_IN = "stand-in"  # the eval.pmg.llm that asks for the stand-in (the stage-2 text generator) by name
 HISTORY_LEAD = "The user recently interacted with: "
 NO_HISTORY = "The user has no recorded interactions yet."
 CHAT_REQUEST = "Describe this user's taste in a few keywords."
@@ -464,10 +465,10 @@ def load_extractor_lm(
     Never downloads: a packaged model counts as installed when its package is, a file or folder when it exists,
     and a hub id only when the local Hugging Face cache holds it (it then loads from that snapshot folder).
     """
-    location = installed_lm(name)
+    location = None if name == STAND_IN else installed_lm(name)
     if location is None:
-        stand_in = f"stand-in: the stage-2 text generator ({name} is not installed)"
-        return fallback_lm, fallback_tokenizer, stand_in
+        why = "asked for by name" if name == STAND_IN else f"{name} is not installed"
+        return fallback_lm, fallback_tokenizer, f"stand-in: the stage-2 text generator ({why})"
     lm, tokenizer = load_causal_lm(location, cache_dir=cache_dir)
     return lm.requires_grad_(False), tokenizer, name
 
@@ -838,6 +839,7 @@ class PMGMethod:
         self.extractor, self.soft, self.extractor_name = extractor, soft, extractor_name
         self.history_items, self.candidates, self.alpha = history_items, candidates, alpha
         self.generation = generation
+        self._read: dict[int, tuple[list[str], Tensor, Tensor]] = {}  # user -> read_users' row
         self.room = max(extractor.max_candidate_tokens - 1, soft.num_tokens)  # what follows a history prompt
         self.max_prompt_tokens = max_positions(extractor.lm, extractor.tokenizer) - self.room
 
@@ -884,9 +886,8 @@ class PMGMethod:
         pairs = list(pairs)
         if not pairs:
             raise DppmgError("PMG: no pairs to generate for")
-        histories = [self.rewarder.user_history(p.user) for p in pairs]
-        prefixes = self.extractor.prefixes(self.prompts_for(histories), self.room, progress)
-        keywords = self.extractor.extract(prefixes, progress)
+        words, word_scores, soft_rows = self.read_users([p.user for p in pairs], progress)
+        keywords = Keywords(words, word_scores)
         g = self.generation
         start = time.perf_counter()
         texts = generate_texts(
@@ -896,7 +897,7 @@ class PMGMethod:
         )  # fmt: skip
         text_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        candidates = self.candidate_images(pairs, prefixes, keywords.words, seed, progress)
+        candidates = self.candidate_images(pairs, soft_rows, keywords.words, seed, progress)
         image_seconds = time.perf_counter() - start
         scores = score_candidates(self.rewarder, pairs, candidates)
         chosen = scores.select(self.alpha)
@@ -914,19 +915,39 @@ class PMGMethod:
         return texts, candidates[np.arange(len(pairs)), chosen.numpy()], info
 
     @torch.no_grad()
+    def read_users(
+        self, users: Sequence[int], progress: bool = True
+    ) -> tuple[list[list[str]], Tensor, Tensor]:
+        """(keywords, their scores [U, k], soft rows [U, K, D]) per user, each user's history read by the LLM once.
+
+        Both depend only on the user's history and the (then frozen) soft module, so they are kept for the next
+        call: an evaluation asks for the same users with every seed.
+        """
+        new = [u for u in dict.fromkeys(int(u) for u in users) if u not in self._read]
+        if new:
+            histories = [self.rewarder.user_history(u) for u in new]
+            prefixes = self.extractor.prefixes(self.prompts_for(histories), self.room, progress)
+            keywords = self.extractor.extract(prefixes, progress)
+            soft = self.soft(prefixes).detach()
+            for k, u in enumerate(new):
+                self._read[u] = (keywords.words[k], keywords.scores[k], soft[k])
+        rows = [self._read[int(u)] for u in users]
+        return [r[0] for r in rows], torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+
+    @torch.no_grad()
     def candidate_images(
         self,
         pairs: Sequence[Pair],
-        prefixes: Sequence[Prefix],
+        soft_rows: Tensor,
         keywords: Sequence[Sequence[str]],
         seed: int,
         progress: bool = True,
     ) -> np.ndarray:
-        """uint8 [P, N, H, W, 3]: N candidates per pair, conditioned on its prompt's states and soft rows."""
+        """uint8 [P, N, H, W, 3]: N candidates per pair, conditioned on its prompt's states and soft rows [P, K, D]."""
         pipe, g = self.gen.pipe, self.generation
         template = self.prompts.image_prompt
         prompts = [image_prompt(template, p.keywords, w) for p, w in zip(pairs, keywords, strict=True)]
-        states = conditioning(encode_prompts(pipe, prompts), self.soft(prefixes))  # [P, S + K, D]
+        states = conditioning(encode_prompts(pipe, prompts), soft_rows.to(pipe.unet.device))  # [P, S + K, D]
         negative = unconditional(pipe, self.soft.num_tokens)
         return generate_candidates(
             pipe, states, negative, self.candidates, g.image_steps, g.guidance, seed, g.batch_size, progress
@@ -959,9 +980,10 @@ def build_pmg_method(
     model_cache: str | Path | None,
     seed: int,
     progress: bool = True,
-) -> tuple[PMGMethod, SoftTrainResult]:
+    soft_state: dict[str, Tensor] | None = None,
+) -> tuple[PMGMethod, SoftTrainResult | None]:
     """PMG from its config: the LLM (or its stand-in), the vocabulary, and the soft module trained on up to
-    `pmg.train_users` of `train_users` (drawn with `seed`)."""
+    `pmg.train_users` of `train_users` (drawn with `seed`), or given as `soft_state` (then not trained: None)."""
     lm, tokenizer, name = load_extractor_lm(pmg.llm, model_cache, gen.lm, gen.lm_tokenizer)
     extractor = KeywordExtractor(
         lm, tokenizer, keyword_vocabulary(rewarder.ds, pmg.vocabulary_size), pmg.num_keywords
@@ -980,6 +1002,9 @@ def build_pmg_method(
         pmg.alpha,
         generation,
     )
+    if soft_state is not None:
+        soft.load_state_dict(soft_state)
+        return method, None
     rng = np.random.default_rng([seed, 7])
     users = sorted(int(u) for u in train_users)
     users = sorted(rng.choice(users, size=min(pmg.train_users, len(users)), replace=False).tolist())

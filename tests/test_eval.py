@@ -88,9 +88,11 @@ def test_eval_writes_the_table_the_plots_and_the_page(evaluated):
 def test_a_rerun_reuses_the_cached_generations(evaluated, monkeypatch):
     _, cfg, out = evaluated
     before = read_json(out / "results.json")["methods"]
+    from stage2_generation import pmg as pmg_mod
     from stage2_generation.evaluation import methods as methods_mod
 
     monkeypatch.setattr(methods_mod, "generate_with_tokens", lambda *a, **k: pytest.fail("generated again"))
+    monkeypatch.setattr(pmg_mod, "train_soft_preference", lambda *a, **k: pytest.fail("PMG trained again"))
     run_eval(cfg, progress=False)
     after = read_json(out / "results.json")["methods"]
     assert after["dppmg"]["personalization"] == before["dppmg"]["personalization"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,18 +45,34 @@ class PMGEval:
 
 
 def build_pmg(ev: Any, progress: bool = True) -> PMGEval:
-    """PMG for this evaluation: its LLM (or the stand-in), keywords, and soft embeddings trained on training users."""
+    """PMG for this evaluation: its LLM (or the stand-in), keywords, and soft embeddings trained on training users
+    (cached in eval/variants/pmg-<key>/, so a rerun does not train them again)."""
+    from safetensors.torch import load_file, save_file
+
+    from dppmg.config import to_dict
+    from dppmg.io import atomic_path, read_json, write_json
+    from stage2_generation.evaluation.run import cache_key
+
     cfg, c = ev.cfg, ev.components
-    train_users = sorted({p.user for p in ev.pool})
+    folder = ev.out / "variants" / f"pmg-{cache_key(ev.key, to_dict(cfg.eval.pmg))}"
+    cached = folder / "soft.safetensors"
+    state = load_file(str(cached)) if cached.is_file() and not cfg.eval.overwrite else None
     start = time.perf_counter()
     method, result = build_pmg_method(
-        c.policy.gen, c.policy.prompts, c.rewarder, train_users, cfg.eval.pmg, cfg.stage2.generation,
-        cfg.features.cache_dir, cfg.seed, progress,
+        c.policy.gen, c.policy.prompts, c.rewarder, sorted({p.user for p in ev.pool}), cfg.eval.pmg,
+        cfg.stage2.generation, cfg.features.cache_dir, cfg.seed, progress, soft_state=state,
     )  # fmt: skip
-    ev.seconds["train_pmg"] = time.perf_counter() - start
+    if result is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in method.soft.state_dict().items()}, str(tmp))
+        write_json(folder / "training.json", dataclasses.asdict(result))
+        ev.seconds["train_pmg"] = time.perf_counter() - start
+    trained = read_json(folder / "training.json")
     ev.notes["pmg"] = (
         f"keywords and soft embeddings from {method.extractor_name}; soft embeddings trained for "
-        f"{result.steps} steps (diffusion loss {result.loss_first:.4f} → {result.loss_last:.4f}); best of {cfg.eval.pmg.candidates} "
+        f"{trained['steps']} steps on {trained['rows']} training users' items (diffusion loss "
+        f"{trained['loss_first']:.4f} → {trained['loss_last']:.4f}); best of {cfg.eval.pmg.candidates} "
         f"candidates at alpha {cfg.eval.pmg.alpha}"
     )
     logger.info("eval pmg: %s", ev.notes["pmg"])

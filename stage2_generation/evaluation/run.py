@@ -202,7 +202,7 @@ def _grounded(ev: Evaluation) -> Path:
 def rl_variant(ev: Evaluation, name: str, weights: dict[str, float], progress: bool = True) -> Path:
     """RL from the grounded tokens with other reward weights, as stage 2 runs it; cached under eval/variants/."""
     cfg = ev.cfg
-    path = ev.out / "variants" / f"{name}-{_key(ev.key, weights)}" / RL_TOKENS
+    path = ev.out / "variants" / f"{name}-{cache_key(ev.key, weights)}" / RL_TOKENS
     if path.is_file() and not cfg.eval.overwrite:
         return path
     from tqdm.auto import tqdm
@@ -236,7 +236,7 @@ def _continuous(ev: Evaluation, progress: bool) -> tuple[Any, Path]:
     cfg, c = ev.cfg, ev.components
     ckpt = continuous_checkpoint(c.ckpt)
     cont = load_components(cfg, progress, c.ds.root, ckpt, variant=True)
-    path = ev.out / "variants" / f"continuous-{_key(ev.key)}" / RL_TOKENS
+    path = ev.out / "variants" / f"continuous-{cache_key(ev.key)}" / RL_TOKENS
     if path.is_file() and not cfg.eval.overwrite:
         return cont.policy, path
     start = time.perf_counter()
@@ -274,7 +274,9 @@ def _cached(
     """(generations, per-pair scores, per-group diversity) for one method and seed, from the cache when it has them."""
     groups = diversity_groups(ev.pairs)
     flat = [p for g in groups for p in g]
-    key = _key(ev.key, method.name, seed, to_dict(ev.cfg.stage2.generation), _method_config(ev, method.name))
+    key = cache_key(
+        ev.key, method.name, seed, to_dict(ev.cfg.stage2.generation), _method_config(ev, method.name)
+    )
     path = ev.out / "cache" / method.name / f"seed{seed}-{key}.npz"
     if path.is_file() and not ev.cfg.eval.overwrite:
         with np.load(path, allow_pickle=False) as z:
@@ -322,7 +324,7 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _key(*parts: Any) -> str:
+def cache_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
