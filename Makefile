@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens clean-venv
+.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -69,7 +69,7 @@ stage2: $(STAMP) $(NEEDS_MODELS)
 eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed
 	$(DPPMG) eval $(CONFIG) $(ARGS)
 
-bench: bench-data bench-stage1 bench-stage2 bench-movielens
+bench: bench-data bench-stage1 bench-stage2 bench-movielens bench-eval
 
 bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -84,6 +84,10 @@ bench-stage2: $(STAMP) $(NEEDS_MODELS)
 # MovieLens with posters and the real pretrained parts: stage 1 against LightGCN, then the whole run, timed.
 bench-movielens: models
 	$(PY) benchmarks/bench_movielens.py $(ARGS)
+
+# `dppmg eval` timed after the stages of CONFIG's run, with issue #12's targets checked on eval/results.json.
+bench-eval: models
+	$(PY) benchmarks/bench_eval.py --config $(CONFIG) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

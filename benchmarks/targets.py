@@ -75,3 +75,58 @@ def judge_targets(diffs: dict[str, Any]) -> dict[str, Any]:
 def stage2_targets(metrics: dict[str, Any]) -> dict[str, Any]:
     """Every stage-2 target a metrics.json can be checked against."""
     return {**issue_targets(metrics["heldout"]), **judge_targets(metrics["heldout_differences"])}
+
+
+EVAL_PERSONALIZATION_GAIN = 0.08  # issue #12: dppmg over none on personalization, on PMG's score scale
+EVAL_HIT_TEXT, EVAL_HIT_IMAGE = 0.45, 0.65  # issue #12: the attribute judge's hit rates for dppmg
+EVAL_SECONDS = 20 * 60  # issue #12: `make eval` on the default world after the stages
+
+
+def eval_targets(results: dict[str, Any], seconds: float | None = None) -> dict[str, Any]:
+    """Issue #12's targets on eval/results.json: value, threshold, met. A target whose methods did not run is absent."""
+    m, d = results["methods"], results["differences"]
+    out: dict[str, Any] = {}
+
+    def diff(name: str, metric: str) -> dict[str, Any] | None:
+        return d.get(f"dppmg_minus_{name}", {}).get(metric)
+
+    def significant_above(key: str, name: str, metric: str) -> None:
+        i = diff(name, metric)
+        if i is not None:
+            out[key] = {"value": i["mean"], "ci": [i["low"], i["high"]], "target": "> 0, 95 % interval above 0",
+                        "met": bool(i["low"] > 0)}  # fmt: skip
+
+    if "dppmg" in m and "none" in m:
+        gain = relative_change(m["dppmg"]["personalization"]["mean"], m["none"]["personalization"]["mean"])
+        out["personalization_gain_over_none"] = {
+            "value": gain, "target": f">= {EVAL_PERSONALIZATION_GAIN}", "met": bool(gain >= EVAL_PERSONALIZATION_GAIN)
+        }  # fmt: skip
+        fid = relative_change(m["dppmg"]["fidelity"]["mean"], m["none"]["fidelity"]["mean"])
+        out["fidelity_change_over_none"] = {
+            "value": fid, "target": f">= -{FIDELITY_DROP_LIMIT}", "met": bool(fid >= -FIDELITY_DROP_LIMIT)
+        }  # fmt: skip
+        for metric in ("hit_image", "hit_text", "judge_history_all"):
+            significant_above(f"judge_{metric}_over_none", "none", metric)
+    for metric in ("personalization", "consistency", "judge_history_all"):
+        significant_above(f"{metric}_over_pmg", "pmg", metric)
+    significant_above("judge_consistency_over_sft", "dppmg_sft", "judge_consistency")
+    i = diff("dppmg_sft", "personalization")
+    if i is not None:
+        out["personalization_not_below_sft"] = {"value": i["mean"], "ci": [i["low"], i["high"]],
+                                                "target": "95 % interval not below 0", "met": bool(i["high"] >= 0)}  # fmt: skip
+    if "dppmg" in m:
+        for metric, threshold in (("hit_text", EVAL_HIT_TEXT), ("hit_image", EVAL_HIT_IMAGE)):
+            if metric in m["dppmg"]:
+                v = m["dppmg"][metric]["mean"]
+                out[f"dppmg_{metric}"] = {
+                    "value": v,
+                    "target": f">= {threshold}",
+                    "met": bool(v >= threshold),
+                }
+    if seconds is not None:
+        out["eval_seconds"] = {
+            "value": seconds,
+            "target": f"<= {EVAL_SECONDS}",
+            "met": bool(seconds <= EVAL_SECONDS),
+        }
+    return out
