@@ -133,6 +133,17 @@ def stage1_expectation(cfg: Config, ds: ProcessedDataset, ckpt: TokenCheckpoint)
     }
 
 
+def build_judges(cfg: Config, c: Components, progress: bool = True) -> Judges:
+    """The reward's encoders, the attribute judge (worlds with ground truth) and the configured image judge."""
+    ds, image_judge = c.ds, None
+    if cfg.stage2.generation.image_judge is not None:
+        image_judge = ImageJudge.build(
+            ds, cfg.stage2.generation.image_judge, image_shape(c.policy.gen.pipe), cfg.features.cache_dir,
+            cfg.features.device, progress,
+        )  # fmt: skip
+    return Judges(c.rewarder, fit_judge(ds, seed=cfg.seed), image_judge)
+
+
 def load_components(
     cfg: Config,
     progress: bool = True,
@@ -247,13 +258,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs = heldout_pairs(ds, held_users)
     pool = training_pairs(ds, train_users)
-    image_judge = None
-    if s2.generation.image_judge is not None:
-        image_judge = ImageJudge.build(
-            ds, s2.generation.image_judge, image_shape(policy.gen.pipe), cfg.features.cache_dir,
-            cfg.features.device, progress,
-        )  # fmt: skip
-    judges = Judges(rewarder, fit_judge(ds, seed=cfg.seed), image_judge)
+    judges = build_judges(cfg, c, progress)
 
     def evaluate(personalized: bool) -> Generated:
         return evaluate_condition(policy, judges, pairs, cfg, personalized, progress=progress)

@@ -33,8 +33,13 @@ HEADLINE = (
 
 
 def write_outputs(
-    ev: Any, summary: dict[str, Any], gens: dict[str, Generation], tradeoff: dict[str, Any]
+    ev: Any,
+    summary: dict[str, Any],
+    gens: dict[str, Generation],
+    scores: dict[str, dict[str, np.ndarray]],
+    tradeoff: dict[str, Any],
 ) -> None:
+    """gens and scores: each method's first-seed generations and their per-pair scores (the page shows them)."""
     out: Path = ev.out
     summary = {**summary, "tradeoff": tradeoff}
     plots = out / "plots"
@@ -43,7 +48,7 @@ def write_outputs(
     if tradeoff:
         figures.append(tradeoff_plot(tradeoff, plots / "tradeoff.png"))
     write_text(out / "results.md", markdown(summary))
-    _write_page(ev, summary, gens, [f for f in figures if f is not None])
+    _write_page(ev, summary, gens, scores, [f for f in figures if f is not None])
     write_json(out / "results.json", summary)  # last: a complete results.json means a complete eval
 
 
@@ -183,7 +188,13 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
-def _write_page(ev: Any, summary: dict[str, Any], gens: dict[str, Generation], figures: list[Path]) -> None:
+def _write_page(
+    ev: Any,
+    summary: dict[str, Any],
+    gens: dict[str, Generation],
+    scores: dict[str, dict[str, np.ndarray]],
+    figures: list[Path],
+) -> None:
     from dppmg.data.imageio import load_image
     from stage2_generation.evaluate import user_histories
     from stage2_generation.gallery import GALLERY_SOURCE_PX, GalleryEntry, Shown, write_gallery
@@ -202,14 +213,11 @@ def _write_page(ev: Any, summary: dict[str, Any], gens: dict[str, Generation], f
         for m in ("personalization", "consistency", "fidelity", "hit_image", "judge_history_all")
         if m in summary["metrics"]
     ]
-    cache: dict[str, dict[str, np.ndarray]] = {}
-    for name in gens:
-        cache[name] = {m: ev.judges.score(ev.pairs, gens[name].texts, gens[name].images)[m] for m in shown}
     entries = []
     for k, p in enumerate(ev.pairs[: ev.cfg.eval.sample_users]):
         history = [item(int(i)) for i in histories.get(p.user, [])]
         generations = {LABELS.get(n, n): Shown(g.texts[k], g.images[k]) for n, g in gens.items()}
-        scores = {LABELS.get(n, n): {m: float(cache[n][m][k]) for m in shown} for n in gens}
+        shown_scores = {LABELS.get(n, n): {m: float(scores[n][m][k]) for m in shown} for n in gens}
         entries.append(
             GalleryEntry(
                 str(ds.users["user_id"].iat[p.user]),
@@ -217,7 +225,7 @@ def _write_page(ev: Any, summary: dict[str, Any], gens: dict[str, Generation], f
                 p.keywords,
                 None if p.item is None else item(p.item),
                 generations,
-                scores,
+                shown_scores,
             )  # fmt: skip
         )
     table = {

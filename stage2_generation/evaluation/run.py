@@ -32,7 +32,6 @@ from dppmg.io import atomic_path, write_json, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
-from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import heldout_pairs, split_users
 from stage2_generation.evaluation.methods import (
     TOKEN_METHODS,
@@ -47,13 +46,11 @@ from stage2_generation.evaluation.metrics import DIVERSITY_METRICS, Judges, dive
 from stage2_generation.generators import image_shape
 from stage2_generation.grounding import ground, training_pairs
 from stage2_generation.injection import load_injected, save_injected
-from stage2_generation.judges import ImageJudge
+from stage2_generation.pipeline import GROUNDED_TOKENS_FILE, TOKENS_FILE
 from stage2_generation.policy import Pair
 from stage2_generation.rl import make_optimizers, rl_iteration
 
 REFERENCE = "dppmg"  # the method every difference is taken against
-GROUNDED_TOKENS = "tokens_grounded.safetensors"  # written by stage 2 after grounding
-RL_TOKENS = "tokens.safetensors"
 DIVERSITY_TARGETS = 4  # the most common target keywords among the held-out pairs...
 DIVERSITY_USERS = 8  # ...each generated for this many held-out users
 
@@ -81,6 +78,7 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
     methods = [m for m in cfg.eval.methods if _available(ev, m)]
     results: dict[str, dict[str, np.ndarray]] = {}  # method -> metric -> [seeds, pairs]
     gens: dict[str, Generation] = {}  # method -> the first seed's generations (the page shows them)
+    first_scores: dict[str, dict[str, np.ndarray]] = {}  # ... and their per-pair scores
     div: dict[str, dict[str, np.ndarray]] = {}
     for name in methods:
         method = build_method(ev, name, progress)
@@ -91,6 +89,7 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
             div_seed.append(d)
             if k == 0:
                 gens[name] = g
+                first_scores[name] = scores
         results[name] = {m: np.stack([s[m] for s in per_seed]) for m in per_seed[0]}
         div[name] = {m: np.concatenate([d[m] for d in div_seed]) for m in DIVERSITY_METRICS}
         logger.info("eval %s: %s", name, _line(results[name]))
@@ -104,14 +103,14 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
 
         first = gens["pmg"]
         summary["pmg"] = {"extractor": first.info.get("extractor"), "samples": keyword_samples(ev, first)}
-    write_outputs(ev, summary, gens, tradeoff)
+    write_outputs(ev, summary, gens, first_scores, tradeoff)
     logger.info("eval done in %.0f s: %s", ev.seconds["total"], ev.out)
     return ev.out
 
 
 def _open(cfg: Config, progress: bool) -> Evaluation:
     from dppmg.data.prepare import prepare
-    from stage2_generation.pipeline import load_components, stage2_fingerprint, tokens_folder
+    from stage2_generation.pipeline import build_judges, load_components, stage2_fingerprint, tokens_folder
 
     stage2 = cfg.run_dir / "stage2"
     metrics_path = stage2 / "metrics.json"
@@ -139,13 +138,7 @@ def _open(cfg: Config, progress: bool) -> Evaluation:
     s2 = cfg.stage2
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs = heldout_pairs(ds, held_users)
-    image_judge = None
-    if s2.generation.image_judge is not None:
-        image_judge = ImageJudge.build(
-            ds, s2.generation.image_judge, image_shape(c.policy.gen.pipe), cfg.features.cache_dir,
-            cfg.features.device, progress,
-        )  # fmt: skip
-    judges = Judges(c.rewarder, fit_judge(ds, seed=cfg.seed), image_judge)
+    judges = build_judges(cfg, c, progress)
     return Evaluation(cfg, out, stage2, c, pairs, training_pairs(ds, train_users), judges, expected)
 
 
@@ -177,9 +170,9 @@ def build_method(ev: Evaluation, name: str, progress: bool = True) -> Method:
         policy, file = _continuous(ev, progress)
         return TokenMethod(name, policy, g, file, text, image)
     files = {
-        "dppmg": ev.stage2 / RL_TOKENS,
-        "text_tokens_only": ev.stage2 / RL_TOKENS,
-        "image_tokens_only": ev.stage2 / RL_TOKENS,
+        "dppmg": ev.stage2 / TOKENS_FILE,
+        "text_tokens_only": ev.stage2 / TOKENS_FILE,
+        "image_tokens_only": ev.stage2 / TOKENS_FILE,
         "dppmg_sft": _grounded(ev),
     }
     if name == "dppmg_no_consistency":
@@ -190,7 +183,7 @@ def build_method(ev: Evaluation, name: str, progress: bool = True) -> Method:
 
 
 def _grounded(ev: Evaluation) -> Path:
-    path = ev.stage2 / GROUNDED_TOKENS
+    path = ev.stage2 / GROUNDED_TOKENS_FILE
     if not path.is_file():
         raise DppmgError(
             f"{path} is missing: this stage-2 run predates it (the grounded tokens before RL); rerun stage 2 with "
@@ -202,7 +195,7 @@ def _grounded(ev: Evaluation) -> Path:
 def rl_variant(ev: Evaluation, name: str, weights: dict[str, float], progress: bool = True) -> Path:
     """RL from the grounded tokens with other reward weights, as stage 2 runs it; cached under eval/variants/."""
     cfg = ev.cfg
-    path = ev.out / "variants" / f"{name}-{cache_key(ev.key, weights)}" / RL_TOKENS
+    path = ev.out / "variants" / f"{name}-{cache_key(ev.key, weights)}" / TOKENS_FILE
     if path.is_file() and not cfg.eval.overwrite:
         return path
     from tqdm.auto import tqdm
@@ -236,7 +229,7 @@ def _continuous(ev: Evaluation, progress: bool) -> tuple[Any, Path]:
     cfg, c = ev.cfg, ev.components
     ckpt = continuous_checkpoint(c.ckpt)
     cont = load_components(cfg, progress, c.ds.root, ckpt, variant=True)
-    path = ev.out / "variants" / f"continuous-{cache_key(ev.key)}" / RL_TOKENS
+    path = ev.out / "variants" / f"continuous-{cache_key(ev.key)}" / TOKENS_FILE
     if path.is_file() and not cfg.eval.overwrite:
         return cont.policy, path
     start = time.perf_counter()
@@ -354,7 +347,7 @@ def tradeoff_points(
         base = dict(cfg.stage2.rl.weights)
         for w in sorted({*cfg.eval.tradeoff_fidelity_weights, base.get("fidelity", 0.0)}):
             if w == base.get("fidelity", 0.0):
-                file = ev.stage2 / RL_TOKENS
+                file = ev.stage2 / TOKENS_FILE
             else:
                 file = rl_variant(ev, f"fidelity{w:g}", variant_weights(cfg, set_={"fidelity": w}), progress)
             method = TokenMethod(f"dppmg_fidelity{w:g}", c.policy, g, file, True, True)
