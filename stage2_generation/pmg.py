@@ -69,7 +69,13 @@ from stage2_generation.generators import Generators, encode_prompts, generate_te
 from stage2_generation.policy import Pair, samples_to_uint8
 from stage2_generation.prompts import chat_prompt, fill_prompt
 from stage2_generation.rewards import fidelity_image, personalization_image, pmg_objective
-from stage2_generation.training import loss_summary, make_optimizer, max_positions, scheduled_step
+from stage2_generation.training import (
+    loss_summary,
+    make_optimizer,
+    max_positions,
+    scheduled_step,
+    states_diffusion_loss,
+)
 
 STAND_IN = "stand-in"  # the eval.pmg.llm that asks for the stand-in (the stage-2 text generator) by name
 HISTORY_LEAD = "The user recently interacted with: "
@@ -604,34 +610,6 @@ def unconditional(pipe: StableDiffusionPipeline, num_soft: int) -> Tensor:
     """
     empty = encode_prompts(pipe, [""])  # [1, S, D]
     return torch.cat([empty, empty[:, -1:].expand(1, num_soft, -1)], dim=1)
-
-
-def states_diffusion_loss(
-    pipe: StableDiffusionPipeline, states: Tensor, pixels: Tensor, generator: torch.Generator
-) -> Tensor:
-    """`training.diffusion_loss` given encoder states [B, L, D] rather than prompts (pixel-space or VAE pipelines).
-
-    Its own copy of the few lines after the encoding: `diffusion_loss` encodes its prompts itself, and the states
-    here carry the soft rows, which no prompt encodes to.
-    """
-    device = pipe.unet.device
-    x0 = pixels.to(device)
-    if pipe.vae is not None:
-        with torch.no_grad():
-            x0 = pipe.vae.encode(x0).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
-    scheduler = pipe.scheduler
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
-    prediction = pipe.unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=states).sample
-    targets = {
-        "epsilon": lambda: noise,
-        "v_prediction": lambda: scheduler.get_velocity(x0, noise, t),
-        "sample": lambda: x0,
-    }
-    kind = scheduler.config.prediction_type
-    if kind not in targets:
-        raise DppmgError(f"PMG supports prediction_type {', '.join(targets)}, not {kind!r}")
-    return torch.nn.functional.mse_loss(prediction.float(), targets[kind]().float())
 
 
 @dataclass

@@ -87,8 +87,14 @@ def diffusion_loss(
     Prompts are encoded the way `StableDiffusionPipeline.encode_prompt` does (padded to the tokenizer's maximum
     length, no attention mask unless the encoder asks for one), so training and sampling see the same states.
     """
+    return states_diffusion_loss(pipe, encode_prompts(pipe, prompts), pixels, generator)
+
+
+def states_diffusion_loss(
+    pipe: StableDiffusionPipeline, states: torch.Tensor, pixels: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """`diffusion_loss` given the conditioning states [B, L, D] themselves (PMG appends soft rows to them)."""
     device = pipe.unet.device
-    states = encode_prompts(pipe, prompts)  # [B, L, D]
     x0 = pixels.to(device)
     if pipe.vae is not None:  # real Stable Diffusion: diffuse the VAE's scaled latents, not the pixels
         with torch.no_grad():
@@ -107,7 +113,7 @@ def diffusion_loss(
         target = x0
     else:
         raise DppmgError(
-            f"image warm-start supports prediction_type epsilon, v_prediction or sample, not {kind!r}"
+            f"the diffusion loss supports prediction_type epsilon, v_prediction or sample, not {kind!r}"
         )
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
