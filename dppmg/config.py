@@ -440,11 +440,17 @@ class EvalConfig:
 
     methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # generation seeds; CIs pool pairs and seeds
+    max_pairs: int = 0  # evaluate the first N of stage 2's held-out pairs (0: all of them)
     sample_users: int = 6  # held-out users shown side by side on eval/index.html
     # Personalization-versus-fidelity trade-off curves: PMG at each alpha, DPPMG after RL at each fidelity weight.
     tradeoff_alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     tradeoff_fidelity_weights: list[float] = field(default_factory=lambda: [0.0, 2.0])
     bootstrap_samples: int = 2000
+    # PMG's downstream use: each held-out user's generated image (and text), made from the user alone, as extra
+    # ranking features on top of stage 1; Recall@20 on the test items with and without them (evaluation/
+    # downstream.py). The feature weight is chosen among downstream_weights on the validation items.
+    downstream_methods: list[str] = field(default_factory=lambda: ["none", "pmg", "dppmg"])
+    downstream_weights: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0])
     overwrite: bool = False  # recompute methods whose cached generations exist
     pmg: PMGConfig = field(default_factory=PMGConfig)
 
@@ -694,6 +700,8 @@ def _validate_eval(e: EvalConfig) -> None:
         raise DppmgError(f"eval.methods names a method twice: {e.methods}")
     if not e.seeds or len(set(e.seeds)) != len(e.seeds):
         raise DppmgError(f"eval.seeds must be distinct integers, at least one, got {e.seeds}")
+    if e.max_pairs < 0:
+        raise DppmgError(f"eval.max_pairs must be >= 0 (0: every held-out pair), got {e.max_pairs}")
     if e.sample_users < 0 or e.bootstrap_samples < 100:
         raise DppmgError("eval.sample_users must be >= 0 and eval.bootstrap_samples >= 100")
     p = e.pmg
@@ -716,6 +724,10 @@ def _validate_eval(e: EvalConfig) -> None:
             raise DppmgError(f"eval.pmg.alpha and eval.tradeoff_alphas must be in [0, 1], got {a}")
     if any(w < 0 for w in e.tradeoff_fidelity_weights):
         raise DppmgError(f"eval.tradeoff_fidelity_weights must be >= 0, got {e.tradeoff_fidelity_weights}")
+    for m in e.downstream_methods:
+        _choice("eval.downstream_methods", m, tuple(x for x in EVAL_METHODS if x != "oracle"))
+    if any(w < 0 for w in e.downstream_weights):
+        raise DppmgError(f"eval.downstream_weights must be >= 0, got {e.downstream_weights}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

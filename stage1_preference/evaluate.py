@@ -17,6 +17,7 @@ baselines, so it lives here, with the ranking, in one function.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,8 @@ def full_ranking_metrics(
     batch_size: int = 1024,
     score_fn: ScoreFn | None = None,
     progress: bool = False,
-) -> dict[str, float]:
+    per_user: bool = False,
+) -> dict[str, Any]:
     """Recall@K and NDCG@K over all items for the users that have items in `target_split`.
 
     Args:
@@ -89,6 +91,8 @@ def full_ranking_metrics(
         score_fn: user indices LongTensor [B] -> scores [B, I], for models that are not dot products. It
             must return a new tensor (e.g. `users_emb[b] @ items_emb.T`, not a view of stored scores):
             the masking writes -inf into it, which saves copying [B, I] floats per batch.
+        per_user: also return "users" (the evaluated user ids, ascending) and "per_user" (metric -> [users]
+            array of each user's value), for intervals and paired differences over users.
     Returns:
         {"recall@K": mean, "ndcg@K": mean for each K, "users_evaluated": number of users with targets}.
     """
@@ -112,23 +116,26 @@ def full_ranking_metrics(
     eval_users = torch.as_tensor(np.unique(target_pairs[:, 0]), dtype=torch.long)
 
     ks = sorted(set(int(k) for k in ks))
-    sums = {f"{name}@{k}": 0.0 for k in ks for name in ("recall", "ndcg")}
+    rows: dict[str, list[torch.Tensor]] = {f"{name}@{k}": [] for k in ks for name in ("recall", "ndcg")}
     batches = torch.split(eval_users, batch_size)
     for users in tqdm(batches, desc=f"ranking ({target_split})", disable=not progress, leave=False):
         scores = score_fn(users).detach().float().cpu()  # [B, I]; a fresh tensor, masked in place
         if torch.isnan(scores).any():  # topk ranks NaN first: the metrics would be silently wrong
             raise DppmgError("the model's scores contain NaN (training diverged? try a lower learning rate)")
-        batch_sums = _batch_metrics(scores, users, targets, seen, ks)
-        for key, value in batch_sums.items():
-            sums[key] += value
+        for key, value in _batch_metrics(scores, users, targets, seen, ks).items():
+            rows[key].append(value)
+    values = {key: torch.cat(v).numpy() for key, v in rows.items()}
     n = len(eval_users)
-    return {**{key: total / n for key, total in sums.items()}, "users_evaluated": n}
+    out: dict[str, Any] = {**{key: float(v.sum()) / n for key, v in values.items()}, "users_evaluated": n}
+    if per_user:
+        out.update(users=eval_users.numpy(), per_user=values)
+    return out
 
 
 def _batch_metrics(
     scores: torch.Tensor, users: torch.Tensor, targets: _UserItems, seen: _UserItems, ks: list[int]
-) -> dict[str, float]:
-    """Sums over the batch of recall@K and ndcg@K; `scores` [B, I] is overwritten by the mask."""
+) -> dict[str, torch.Tensor]:
+    """Each row's recall@K and ndcg@K, [B] float64; `scores` [B, I] is overwritten by the mask."""
     batch, num_items = scores.shape
     row, item = seen.rows(users)
     scores[row, item] = -torch.inf
@@ -146,10 +153,10 @@ def _batch_metrics(
     out = {}
     for k in ks:
         hits_k = hits[:, :k].double()
-        out[f"recall@{k}"] = float((hits_k.sum(1) / n_target).sum())
+        out[f"recall@{k}"] = hits_k.sum(1) / n_target
         dcg = (hits_k * discount[: hits_k.shape[1]]).sum(1)
         ideal = ideal_cum[(n_target.clamp(max=hits_k.shape[1]) - 1)]
-        out[f"ndcg@{k}"] = float((dcg / ideal).sum())
+        out[f"ndcg@{k}"] = dcg / ideal
     return out
 
 

@@ -311,6 +311,22 @@ def _fit(trainer: Stage1Trainer, tracker, ckpt: Path, best: Path, fingerprint: s
     bar.close()
 
 
+def _load_best(trainer: Stage1Trainer, best: Path) -> None:
+    sd = torch.load(best, weights_only=False)
+    trainer.model.load_state_dict(sd["model"])
+    trainer.quantizer.load_state_dict(sd["quantizer"])
+
+
+def load_embeddings(cfg: Config, ds: ProcessedDataset) -> Embeddings:
+    """The continuous user and item embeddings of `cfg.run_name`'s trained stage-1 model (stage1/best.pt)."""
+    best = cfg.run_dir / "stage1" / "best.pt"
+    if not best.is_file():
+        raise DppmgError(f"{best} is missing: run stage 1 for run_name={cfg.run_name} first")
+    trainer = Stage1Trainer(ds, cfg.stage1, cfg.stage1.resolved_seed(cfg.seed))
+    _load_best(trainer, best)
+    return trainer.embeddings()[0]
+
+
 def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerprint: str) -> dict[str, Any]:
     """Test metrics with continuous and token vectors, codebook statistics, recovery; write the token checkpoint."""
     if not best.is_file():
@@ -318,9 +334,7 @@ def finalize(trainer: Stage1Trainer, best: Path, out: Path, cfg: Config, fingerp
             f"stage 1 produced no checkpoint with a trained quantizer: stage1.epochs={cfg.stage1.epochs} must exceed "
             f"stage1.vq_warmup_epochs={cfg.stage1.vq_warmup_epochs}"
         )
-    sd = torch.load(best, weights_only=False)
-    trainer.model.load_state_dict(sd["model"])
-    trainer.quantizer.load_state_dict(sd["quantizer"])
+    _load_best(trainer, best)
     ds, s1, seed = trainer.ds, cfg.stage1, trainer.seed
     emb, codes, decoded = trainer.embeddings()
     cont = full_ranking_metrics(emb.users, emb.items, ds.interactions, "test", s1.ks)

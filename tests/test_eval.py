@@ -15,10 +15,10 @@ from dppmg.errors import DppmgError
 from dppmg.io import read_json
 from stage1_preference.train import run_stage1
 from stage2_generation.evaluation import run as run_mod
-from stage2_generation.evaluation.methods import continuous_checkpoint, variant_weights
+from stage2_generation.evaluation.methods import TokenMethod, continuous_checkpoint, variant_weights
 from stage2_generation.evaluation.metrics import Judges, diversity, judge_consistency
 from stage2_generation.evaluation.run import diversity_groups, run_eval
-from stage2_generation.pipeline import load_components, run_stage2
+from stage2_generation.pipeline import TOKENS_FILE, load_components, run_stage2
 from stage2_generation.policy import Pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,64 @@ def test_a_rerun_reuses_the_cached_generations(evaluated, monkeypatch):
     run_eval(cfg, progress=False)
     after = read_json(out / "results.json")["methods"]
     assert after["dppmg"]["personalization"] == before["dppmg"]["personalization"]
+
+
+def test_the_one_prompt_ablations_are_their_sources_composed(evaluated):
+    """text_tokens_only = dppmg's texts + none's images (and the converse), exactly as generating them would give."""
+    _, cfg, out = evaluated
+    ev = run_mod._open(cfg, progress=False)
+    for name, text, image in [("text_tokens_only", True, False), ("image_tokens_only", False, True)]:
+        composed = run_mod.build_method(ev, name, progress=False)
+        policy, generation = ev.components.policy, cfg.stage2.generation
+        direct = TokenMethod(name, policy, generation, ev.stage2 / TOKENS_FILE, text, image)
+        a, b = composed.generate(ev.pairs, 1, progress=False), direct.generate(ev.pairs, 1, progress=False)
+        assert a.texts == b.texts
+        np.testing.assert_array_equal(a.images, b.images)
+    r = read_json(out / "results.json")["methods"]
+    for name, text_from, image_from in [
+        ("text_tokens_only", "dppmg", "none"),
+        ("image_tokens_only", "none", "dppmg"),
+    ]:
+        assert r[name]["personalization_text"]["mean"] == r[text_from]["personalization_text"]["mean"]
+        assert r[name]["personalization_image"]["mean"] == r[image_from]["personalization_image"]["mean"]
+
+
+def test_downstream_reports_recall_with_and_without_the_generated_features(evaluated):
+    _, cfg, out = evaluated
+    d = read_json(out / "results.json")["downstream"]
+    assert list(d["methods"]) == cfg.eval.downstream_methods and d["k"] == 20
+    s1 = d["stage1_only"]
+    assert 0 <= s1["low"] <= s1["mean"] <= s1["high"] <= 1
+    for name, rows in d["methods"].items():
+        assert set(rows) == {"image", "text+image"}, name
+        for r in rows.values():
+            assert r["weight"] in cfg.eval.downstream_weights
+            assert [p["weight"] for p in r["valid_curve"]] == cfg.eval.downstream_weights
+            diff = r["difference"]["mean"]
+            assert r["with"]["mean"] == pytest.approx(s1["mean"] + diff, abs=1e-9)
+    # the generations it used have no target: nothing of a held-out pair's target item reaches the ranking
+    with np.load(next((out / "cache" / "dppmg").glob("downstream-*.npz"))) as z:
+        assert z["images"].shape[0] == len({p.user for p in run_mod._open(cfg, False).pairs})
+
+
+def test_downstream_ranks_with_a_feature_that_knows_the_held_out_items(evaluated, monkeypatch):
+    """A feature that marks each user's valid and test items: the weight chosen on valid is > 0, test recall 1."""
+    from stage2_generation.evaluation import downstream as ds_mod
+
+    _, cfg, _ = evaluated
+    ev = run_mod._open(cfg, progress=False)
+    users = [p.user for p in ds_mod.downstream_pairs(ev.pairs)]
+    inter = ev.components.ds.interactions
+    known = torch.zeros(len(users), ev.components.ds.num_items)
+    for row, u in enumerate(users):
+        held = inter[(inter["user_idx"] == u) & inter["split"].isin(["valid", "test"])]["item_idx"]
+        known[row, held.tolist()] = 10.0
+    monkeypatch.setattr(ds_mod, "feature_scores", lambda rewarder, g: {"image": known})
+    g = run_mod.Generation([""] * len(users), np.zeros((len(users), 4, 4, 3), np.uint8))
+    d = ds_mod.downstream_recall(ev, {"oracle_feature": g}, progress=False)
+    r = d["methods"]["oracle_feature"]["image"]
+    assert r["weight"] > 0 and r["with"]["mean"] == 1.0
+    assert r["difference"]["mean"] == pytest.approx(1.0 - d["stage1_only"]["mean"])
 
 
 def test_the_reward_ablation_trains_on_a_reward_without_consistency(evaluated):
@@ -192,6 +250,9 @@ def test_run_eval_counts_pairs_and_seeds(evaluated):
     _, cfg, out = evaluated
     cached = sorted((out / "cache" / "dppmg").glob("seed*.npz"))
     assert len(cached) == len(cfg.eval.seeds)
+    # diversity is measured once, at the first seed, for every method
+    for name in cfg.eval.methods:
+        assert [p.name[:16] for p in (out / "cache" / name).glob("diversity-*")] == ["diversity-seed0-"], name
     with np.load(cached[0]) as z:
         assert z["images"].shape[0] == 4 and json.loads(str(z["meta"]))["texts"]
     assert run_mod.REFERENCE == "dppmg"

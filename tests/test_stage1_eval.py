@@ -77,6 +77,18 @@ def test_test_split_masks_train_and_valid_by_hand():
     assert m["ndcg@5"] == pytest.approx((_dcg([0, 2]) / _dcg([0, 1]) + _dcg([4]) / _dcg([0])) / 2)
 
 
+def test_per_user_values_are_each_users_own():
+    m = full_ranking_metrics(
+        {}, {}, _interactions(ROWS), "test", ks=[1, 5], score_fn=_fixed_scores(SCORES), per_user=True
+    )
+    # the same two users as above, in ascending id order: user 0 half its targets at rank 1, user 2 none
+    assert m["users"].tolist() == [0, 2]
+    assert m["per_user"]["recall@1"].tolist() == [0.5, 0.0]
+    assert m["per_user"]["recall@5"].tolist() == [1.0, 1.0]
+    for key, values in m["per_user"].items():
+        assert m[key] == pytest.approx(values.mean())
+
+
 def test_valid_split_masks_train_only():
     m = full_ranking_metrics({}, {}, _interactions(ROWS), "valid", ks=[1, 3], score_fn=_fixed_scores(SCORES))
     # user 0: train item 0 masked, test item 1 is NOT masked and ranks first, the target 2 second.

@@ -5,14 +5,16 @@
     dppmg_sft             DPPMG's tokens after grounding (stage2/tokens_grounded.safetensors)
     dppmg                 DPPMG's tokens after grounding and RL (stage2/tokens.safetensors)
     text_tokens_only      dppmg's tokens in the text prompt only (the image prompt is none's)
-    image_tokens_only     dppmg's tokens in the image prompt only
+    image_tokens_only     dppmg's tokens in the image prompt only (the text prompt is none's)
     dppmg_no_consistency  RL again from the grounded tokens, with the consistency term removed from the reward
     dppmg_continuous      no VQ: each user's continuous preference vector injected as one soft token, grounded
                           and RL-trained like the codes (`continuous_checkpoint`)
     oracle                synthetic world only: catalogue items that have the user's true tastes
 
 Every method generates with the same generation settings (`stage2.generation`), and image i of a call starts
-from the noise of (seed, i), so two methods called with one seed see the same noise for the same pair.
+from the noise of (seed, i), so two methods called with one seed see the same noise for the same pair. That makes
+the two one-prompt ablations compositions (`ComposedMethod`): text_tokens_only's texts are dppmg's and its images
+none's, because its prompts are theirs; eval composes them instead of generating them again.
 """
 
 from __future__ import annotations
@@ -128,6 +130,37 @@ class TokenMethod:
         )
         info = {"text_seconds": ts, "image_seconds": is_, "tokens": tokens}
         return Generation(texts, images, ts + is_, info)
+
+
+# The ablations whose prompts are two other methods' prompts: (the method their texts come from, their images').
+COMPOSED = {"text_tokens_only": ("dppmg", "none"), "image_tokens_only": ("none", "dppmg")}
+
+
+@dataclass
+class ComposedMethod:
+    """The texts of one method with the images of another, for an ablation whose text prompts are the first's and
+    whose image prompts are the second's. With the same pairs and seed both are deterministic functions of the
+    prompts (the noise of image i is seeded by (seed, i); a text batch by the seed), so composing equals
+    generating, at no cost; tests/test_eval.py checks it against `TokenMethod`."""
+
+    name: str
+    texts_from: Method
+    images_from: Method
+
+    def generate(self, pairs: Sequence[Pair], seed: int, progress: bool = True) -> Generation:
+        return self.compose(
+            self.texts_from.generate(pairs, seed, progress), self.images_from.generate(pairs, seed, progress)
+        )
+
+    def compose(self, texts: Generation, images: Generation) -> Generation:
+        ts, is_ = texts.info.get("text_seconds", 0.0), images.info.get("image_seconds", 0.0)
+        info = {
+            "text_seconds": ts,
+            "image_seconds": is_,
+            "tokens": texts.info.get("tokens"),
+            "composed_of": [self.texts_from.name, self.images_from.name],
+        }
+        return Generation(list(texts.texts), images.images, ts + is_, info)
 
 
 @dataclass

@@ -118,9 +118,35 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(
                 f"| {p[knob]:g} | {p['personalization']:.3f} | {p['personalization_image']:.3f} | {p['fidelity']:.3f} |"
             )
+    lines += _downstream_lines(summary.get("downstream"))
     if summary.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {k}: {v}" for k, v in summary["notes"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _downstream_lines(d: Mapping[str, Any] | None) -> list[str]:
+    if not d:
+        return []
+    k = d["k"]
+    lines = [
+        "",
+        f"## Downstream: generated content as recommendation features (PMG's use), Recall@{k}",
+        "",
+        f"Each method generated once per held-out user with no target ({d['users']} users; seed of the first "
+        f"column). Stage 1 alone: Recall@{k} {_cell(d['stage1_only'])}. The feature weight was chosen on the "
+        f"validation items among {d['weights']}; † marks a difference whose interval contains 0.",
+        "",
+        f"| method | features | weight | Recall@{k} with | with − stage 1 alone |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, rows in d["methods"].items():
+        for feature, r in rows.items():
+            mark = "" if r["difference"].get("significant") else " †"
+            lines.append(
+                f"| {LABELS.get(name, name)} | {feature} | {r['weight']:g} | {_cell(r['with'])} | "
+                f"{_cell(r['difference'], signed=True)}{mark} |"
+            )
+    return lines
 
 
 def bar_plot(summary: dict[str, Any], path: Path) -> Path:

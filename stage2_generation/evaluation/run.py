@@ -2,7 +2,8 @@
 `eval.seeds`, scored by the metric list of metrics.py, written to runs/<run>/eval/.
 
     eval/cache/<method>/seed<k>-<key>.npz    generations and per-pair scores (a rerun reuses them; an
-                                             interrupted eval continues from the last finished (method, seed))
+                                             interrupted eval continues from the last finished (method, seed));
+                                             diversity-seed<k>-*.npz: the diversity groups, at the first seed
     eval/variants/<name>/tokens.safetensors  token parameters of the variants eval trains itself
     eval/results.json, eval/results.md       one row per method; paired differences against dppmg
     eval/plots/*.png, eval/index.html        bars with intervals, the trade-off curves, the generations side by side
@@ -33,8 +34,11 @@ from dppmg.log import logger
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
 from stage2_generation.evaluate import heldout_pairs, split_users
+from stage2_generation.evaluation.downstream import downstream_pairs, downstream_recall
 from stage2_generation.evaluation.methods import (
+    COMPOSED,
     TOKEN_METHODS,
+    ComposedMethod,
     Generation,
     Method,
     OracleMethod,
@@ -76,28 +80,34 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
     start = time.perf_counter()
     ev = _open(cfg, progress)
     methods = [m for m in cfg.eval.methods if _available(ev, m)]
+    built: dict[str, Method] = {}
     results: dict[str, dict[str, np.ndarray]] = {}  # method -> metric -> [seeds, pairs]
     gens: dict[str, Generation] = {}  # method -> the first seed's generations (the page shows them)
     first_scores: dict[str, dict[str, np.ndarray]] = {}  # ... and their per-pair scores
     div: dict[str, dict[str, np.ndarray]] = {}
     for name in methods:
-        method = build_method(ev, name, progress)
-        per_seed, div_seed = [], []
+        method_start = time.perf_counter()
+        method = built[name] = build_method(ev, name, progress)
+        per_seed = []
         for k, seed in enumerate(cfg.eval.seeds):
-            g, scores, d = _cached(ev, method, seed, progress)
+            g, scores = _cached(ev, method, seed, progress)
             per_seed.append(scores)
-            div_seed.append(d)
             if k == 0:
                 gens[name] = g
                 first_scores[name] = scores
         results[name] = {m: np.stack([s[m] for s in per_seed]) for m in per_seed[0]}
-        div[name] = {m: np.concatenate([d[m] for d in div_seed]) for m in DIVERSITY_METRICS}
+        # Diversity at the first seed: 4 targets x 8 users (across users, not seeds, is what it measures).
+        div[name] = _cached(ev, method, cfg.eval.seeds[0], progress, kind="diversity")[1]
+        ev.seconds[f"method_{name}"] = time.perf_counter() - method_start
         logger.info("eval %s: %s", name, _line(results[name]))
     tradeoff = tradeoff_points(ev, gens, progress)
+    downstream = downstream_use(ev, built, progress)
     from stage2_generation.evaluation.report import write_outputs
 
     ev.seconds["total"] = time.perf_counter() - start
     summary = summarise(ev, results, div)
+    if downstream:
+        summary["downstream"] = downstream
     if "pmg" in gens:
         from stage2_generation.evaluation.pmg_method import keyword_samples
 
@@ -106,6 +116,19 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
     write_outputs(ev, summary, gens, first_scores, tradeoff)
     logger.info("eval done in %.0f s: %s", ev.seconds["total"], ev.out)
     return ev.out
+
+
+def downstream_use(ev: Evaluation, built: dict[str, Method], progress: bool) -> dict[str, Any]:
+    """Recall@20 with and without each method's generations as ranking features (downstream.py); {} when off."""
+    names = [m for m in ev.cfg.eval.downstream_methods if m in built]
+    if not names or not ev.cfg.eval.downstream_weights:
+        return {}
+    start = time.perf_counter()
+    seed = ev.cfg.eval.seeds[0]
+    gens = {m: _cached(ev, built[m], seed, progress, kind="downstream")[0] for m in names}
+    out = downstream_recall(ev, gens, progress)
+    ev.seconds["downstream"] = time.perf_counter() - start
+    return out
 
 
 def _open(cfg: Config, progress: bool) -> Evaluation:
@@ -138,6 +161,8 @@ def _open(cfg: Config, progress: bool) -> Evaluation:
     s2 = cfg.stage2
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs = heldout_pairs(ds, held_users)
+    if cfg.eval.max_pairs:
+        pairs = pairs[: cfg.eval.max_pairs]
     judges = build_judges(cfg, c, progress)
     return Evaluation(cfg, out, stage2, c, pairs, training_pairs(ds, train_users), judges, expected)
 
@@ -163,6 +188,9 @@ def build_method(ev: Evaluation, name: str, progress: bool = True) -> Method:
         from stage2_generation.evaluation.pmg_method import build_pmg
 
         return build_pmg(ev, progress)  # type: ignore[return-value]
+    if name in COMPOSED:
+        texts_from, images_from = COMPOSED[name]
+        return ComposedMethod(name, build_method(ev, texts_from), build_method(ev, images_from))
     text, image = TOKEN_METHODS[name]
     if name == "none":
         return TokenMethod(name, c.policy, g, None, text, image)
@@ -262,38 +290,59 @@ def diversity_groups(pairs: Sequence[Pair]) -> list[list[Pair]]:
 
 
 def _cached(
-    ev: Evaluation, method: Method, seed: int, progress: bool, with_diversity: bool = True
-) -> tuple[Generation, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(generations, per-pair scores, per-group diversity) for one method and seed, from the cache when it has them."""
-    groups = diversity_groups(ev.pairs)
-    flat = [p for g in groups for p in g]
+    ev: Evaluation, method: Method, seed: int, progress: bool, kind: str = "pairs"
+) -> tuple[Generation, dict[str, np.ndarray]]:
+    """(generations, scores) of one method and seed, from the cache when it has them.
+
+    kind "pairs": the held-out pairs, scored per pair by the metric list; "diversity": the diversity groups,
+    scored per group; "downstream": one target-free generation per held-out user (downstream.py), unscored.
+    A composed ablation is composed from its sources' cached generations of the same kind.
+    """
+    groups = diversity_groups(ev.pairs) if kind == "diversity" else []
+    if kind == "pairs":
+        pairs, prefix, extra = ev.pairs, "", ()
+    elif kind == "diversity":
+        pairs, prefix, extra = [p for g in groups for p in g], "diversity-", (kind,)
+    else:
+        pairs, prefix, extra = downstream_pairs(ev.pairs), "downstream-", (kind,)
+    if ev.cfg.eval.max_pairs:  # a subset of the pairs: other generations (all pairs keep the old key)
+        extra = (*extra, ("max_pairs", ev.cfg.eval.max_pairs))
     key = cache_key(
-        ev.key, method.name, seed, to_dict(ev.cfg.stage2.generation), _method_config(ev, method.name)
+        ev.key, method.name, seed, to_dict(ev.cfg.stage2.generation), _method_config(ev, method.name), *extra
     )
-    path = ev.out / "cache" / method.name / f"seed{seed}-{key}.npz"
+    path = ev.out / "cache" / method.name / f"{prefix}seed{seed}-{key}.npz"
     if path.is_file() and not ev.cfg.eval.overwrite:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
             g = Generation(meta["texts"], z["images"], meta["seconds"], meta["info"])
             scores = {k[len("score.") :]: z[k] for k in z.files if k.startswith("score.")}
-            div = {k[len("div.") :]: z[k] for k in z.files if k.startswith("div.")}
-        return g, scores, div
-    g = method.generate(ev.pairs, seed, progress)
-    scores = ev.judges.score(ev.pairs, g.texts, g.images)
-    div: dict[str, np.ndarray] = {}
-    if with_diversity:
-        d = method.generate(flat, seed, progress=False)
+        return g, scores
+    if isinstance(method, ComposedMethod):
+        g = method.compose(
+            _cached(ev, method.texts_from, seed, progress, kind)[0],
+            _cached(ev, method.images_from, seed, progress, kind)[0],
+        )
+    else:
+        g = method.generate(pairs, seed, progress and kind == "pairs")
+    start = time.perf_counter()
+    scores: dict[str, np.ndarray] = {}
+    if kind == "pairs":
+        scores = ev.judges.score(pairs, g.texts, g.images)
+    elif kind == "diversity":
         sizes = np.cumsum([0] + [len(x) for x in groups])
         bounds = [range(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
-        div = diversity(ev.judges.rewarder, bounds, d.texts, d.images)
-
-    meta = {"texts": g.texts, "seconds": g.seconds, "info": _jsonable(g.info)}
+        scores = diversity(ev.judges.rewarder, bounds, g.texts, g.images)
+    meta = {
+        "texts": g.texts,
+        "seconds": g.seconds,
+        "score_seconds": time.perf_counter() - start,
+        "info": _jsonable(g.info),
+    }
     arrays = {"images": g.images, **{f"score.{k}": v for k, v in scores.items()}}
-    arrays.update({f"div.{k}": v for k, v in div.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
-    return g, scores, div
+    return g, scores
 
 
 def _method_config(ev: Evaluation, name: str) -> Any:
@@ -351,7 +400,7 @@ def tradeoff_points(
             else:
                 file = rl_variant(ev, f"fidelity{w:g}", variant_weights(cfg, set_={"fidelity": w}), progress)
             method = TokenMethod(f"dppmg_fidelity{w:g}", c.policy, g, file, True, True)
-            _, s, _ = _cached(ev, method, seed, progress=False, with_diversity=False)
+            _, s = _cached(ev, method, seed, progress=False)
             points.append({"fidelity_weight": w, **{m: float(np.nanmean(v)) for m, v in s.items()}})
         out["dppmg"] = points
     return out
