@@ -40,6 +40,9 @@ def test_defaults_then_yaml_then_cli(tmp_path):
         (["stage2.grounding.typical_share=1.5"], "stage2.grounding.typical_share"),
         (["stage2.rl.weights={}"], "stage2.rl.weights is empty"),
         (["stage2.rl.weights={consistency:1.0}"], "as the one key 'a:1'"),  # YAML wants a space after ':'
+        (["eval.max_pairs=-1"], "eval.max_pairs"),
+        (["eval.downstream_methods=[oracle]"], "eval.downstream_methods"),
+        (["eval.downstream_weights=[-1]"], "eval.downstream_weights"),
     ],
 )
 def test_bad_values_name_the_key(overrides, needle):

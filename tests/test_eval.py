@@ -156,6 +156,13 @@ def test_downstream_ranks_with_a_feature_that_knows_the_held_out_items(evaluated
     assert r["difference"]["mean"] == pytest.approx(1.0 - d["stage1_only"]["mean"])
 
 
+def test_max_pairs_evaluates_the_first_held_out_pairs(evaluated):
+    tmp, cfg, _ = evaluated
+    full = run_mod._open(cfg, progress=False).pairs
+    some = run_mod._open(cfg_for(tmp, "eval.max_pairs=2"), progress=False).pairs
+    assert len(full) > 2 and some == full[:2]
+
+
 def test_the_reward_ablation_trains_on_a_reward_without_consistency(evaluated):
     _, cfg, out = evaluated
     weights = [read_json(p) for p in (out / "variants").glob("no_consistency-*/weights.json")]

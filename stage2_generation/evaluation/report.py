@@ -132,9 +132,10 @@ def _downstream_lines(d: Mapping[str, Any] | None) -> list[str]:
         "",
         f"## Downstream: generated content as recommendation features (PMG's use), Recall@{k}",
         "",
-        f"Each method generated once per held-out user with no target ({d['users']} users; seed of the first "
-        f"column). Stage 1 alone: Recall@{k} {_cell(d['stage1_only'])}. The feature weight was chosen on the "
-        f"validation items among {d['weights']}; † marks a difference whose interval contains 0.",
+        f"Each method generated once per held-out user with no target ({d['users']} users, the first seed). "
+        f"Stage 1 alone: Recall@{k} {_cell(d['stage1_only'])}. The feature weight was chosen on the validation "
+        f"items among {d['weights']} (0: the features did not help there); † marks a difference whose interval "
+        "contains 0.",
         "",
         f"| method | features | weight | Recall@{k} with | with − stage 1 alone |",
         "| --- | --- | --- | --- | --- |",
