@@ -30,7 +30,6 @@ from stage2_generation.evaluation.methods import Generation
 from stage2_generation.policy import Pair
 
 K = 20
-FEATURES = ("image", "text+image")
 
 
 def downstream_pairs(pairs: Sequence[Pair]) -> list[Pair]:
@@ -44,17 +43,17 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 
 def feature_scores(rewarder: Any, generation: Generation) -> dict[str, torch.Tensor]:
     """Per feature set, [users, items] standardized similarities of each user's generation to every item."""
+    if rewarder.item_image is None:  # a catalogue without images: no image feature to add
+        return {}
     images = F.normalize(rewarder.scorer.encode_images(generation.images).float().cpu(), dim=-1)
-    items = rewarder.item_image
-    image = images @ F.normalize(items.float(), dim=-1).T if items is not None else None
-    if image is not None:  # items without an image get the user's mean similarity: neutral after z_u
-        missing = torch.from_numpy(~rewarder.has_image)
-        image[:, missing] = image[:, ~missing].mean(1, keepdim=True).expand(-1, int(missing.sum()))
+    image = images @ F.normalize(rewarder.item_image.float(), dim=-1).T
+    # Items without an image get the user's mean similarity: neutral after z_u.
+    missing = torch.from_numpy(~rewarder.has_image)
+    image[:, missing] = image[:, ~missing].mean(1, keepdim=True).expand(-1, int(missing.sum()))
     texts = torch.from_numpy(rewarder.text_encoder.encode(list(generation.texts), progress=False)).float()
     text = F.normalize(texts, dim=-1) @ F.normalize(rewarder.item_text.float(), dim=-1).T
-    out = {"text+image": (_standardize(text) + _standardize(image)) / 2 if image is not None else None}
-    out["image"] = _standardize(image) if image is not None else None
-    return {k: v for k, v in out.items() if v is not None}
+    image = _standardize(image)
+    return {"image": image, "text+image": (_standardize(text) + image) / 2}
 
 
 def downstream_recall(ev: Any, generations: dict[str, Generation], progress: bool = True) -> dict[str, Any]:
@@ -71,9 +70,8 @@ def downstream_recall(ev: Any, generations: dict[str, Generation], progress: boo
 
     def recall(extra: torch.Tensor | None, weight: float, split: str) -> dict[str, Any]:
         def score_fn(batch: torch.Tensor) -> torch.Tensor:
-            rows = row_of[batch]
-            s = base[rows].clone()
-            return s + weight * extra[rows] if extra is not None and weight else s
+            rows = row_of[batch]  # indexing copies: the ranking may mask the result in place
+            return base[rows] + weight * extra[rows] if extra is not None and weight else base[rows]
 
         return full_ranking_metrics({}, {}, inter, split, [K], score_fn=score_fn, per_user=True)
 
