@@ -143,6 +143,9 @@ class Stage1Config:
     id_branch: bool = False  # an extra collaborative branch over ids only (LightGCN); gets no tokens
     knn_k: int = 0  # >0: add a per-modality item-item kNN graph (LATTICE / FREEDOM); 0 = off
     knn_weight: float = 0.5  # share of the item-item graph in the item representation when knn_k > 0
+    # >0: weight each train edge by 2^(-r / h), r its rank from the end of the user's history (0 = most recent),
+    # so propagation leans on what a user watched lately (leave-last-out tests the next item). 0 = binary edges.
+    recency_halflife: float = 0.0
     # Modal specificity: remove from the text features what the image features predict (item text that
     # describes the picture would otherwise leak visual taste into the text tokens). Needs both modalities.
     text_specific: bool = True
@@ -532,6 +535,10 @@ class Config:
                 raise DppmgError(f"stage1.{key} must be >= 1, got {getattr(st, key)}")
         if st.vq_users_per_step < 0:
             raise DppmgError(f"stage1.vq_users_per_step must be >= 0 (0 = all), got {st.vq_users_per_step}")
+        if st.recency_halflife < 0:
+            raise DppmgError(
+                f"stage1.recency_halflife must be >= 0 (0 = binary edges), got {st.recency_halflife}"
+            )
         if st.max_steps_per_epoch < 0:
             raise DppmgError(
                 f"stage1.max_steps_per_epoch must be >= 0 (0 = off), got {st.max_steps_per_epoch}"

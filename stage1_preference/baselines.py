@@ -32,7 +32,7 @@ from dppmg.config import Stage1Config
 from dppmg.data.format import ProcessedDataset
 from dppmg.errors import DppmgError
 from stage1_preference.evaluate import DEFAULT_KS, full_ranking_metrics
-from stage1_preference.graph import build_norm_adj
+from stage1_preference.graph import build_norm_adj, recency_weights
 from stage1_preference.model import ID_BRANCH, ModalGNN, bpr_loss, l2_penalty, sample_bpr
 
 EARLY_STOP_METRIC = "recall@20"
@@ -101,6 +101,7 @@ class PygLightGCN(nn.Module):
         dim: int,
         layers: int,
         sparse_adjacency: bool = False,
+        edge_weight: np.ndarray | None = None,
     ):
         super().__init__()
         self.num_users, self.num_items = num_users, num_items
@@ -109,16 +110,20 @@ class PygLightGCN(nn.Module):
         i = torch.tensor(train_items, dtype=torch.long) + num_users
         # LGConv normalises by degree over the graph as given, so it needs both directions.
         edge_index = torch.stack([torch.cat([u, i]), torch.cat([i, u])])
+        # Optional per-interaction weights (`graph.recency_weights`); LGConv's gcn_norm uses them as A's values.
+        weight = None if edge_weight is None else torch.tensor(edge_weight, dtype=torch.float32).repeat(2)
         if sparse_adjacency:
             n = num_users + num_items
             with warnings.catch_warnings():
                 # torch's notes that CSR is "beta" and unchecked: PyG builds a valid CSR, and we chose it.
                 warnings.filterwarnings("ignore", message="Sparse (CSR tensor support|invariant checks)")
-                edge_index = to_torch_csr_tensor(edge_index, size=(n, n))
+                edge_index = to_torch_csr_tensor(edge_index, weight, size=(n, n))
+            weight = None  # now the CSR's values
         self.register_buffer("edge_index", edge_index, persistent=False)  # the graph, not a parameter
+        self.register_buffer("edge_weight", weight, persistent=False)
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.get_embedding(self.edge_index)  # [U + I, d], full propagation
+        out = self.model.get_embedding(self.edge_index, self.edge_weight)  # [U + I, d], full propagation
         return out[: self.num_users], out[self.num_users :]
 
     def loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg_weight: float) -> torch.Tensor:
@@ -229,13 +234,21 @@ def train_lightgcn(
     device: str | torch.device = "cpu",
     progress: bool = False,
     sparse_adjacency: bool = False,
+    recency_halflife: float = 0.0,
 ) -> dict[str, Any]:
-    """Train torch_geometric's LightGCN and return its test metrics at the best validation epoch."""
+    """Train torch_geometric's LightGCN and return its test metrics at the best validation epoch.
+
+    recency_halflife > 0 weights its edges as stage 1's `stage1.recency_halflife` does (not LightGCN's own
+    design: the benchmarks use it to show how much of a gain recency alone explains).
+    """
     train = ds.split("train")
     users, items = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
+    weight = None
+    if recency_halflife > 0:
+        weight = recency_weights(users, train["timestamp"].to_numpy(), recency_halflife)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PygLightGCN(ds.num_users, ds.num_items, users, items, dim, layers, sparse_adjacency)
+        model = PygLightGCN(ds.num_users, ds.num_items, users, items, dim, layers, sparse_adjacency, weight)
     return fit_ranker(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
 
 

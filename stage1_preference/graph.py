@@ -1,7 +1,7 @@
 """The graphs stage 1 propagates over, as sparse CSR matrices, and the propagation itself.
 
 - `build_norm_adj`: the LightGCN user–item graph  Â = D^-1/2 A D^-1/2  over U + I nodes, with
-  A = [[0, R], [Rᵀ, 0]] and R the binary train interaction matrix [U, I].
+  A = [[0, R], [Rᵀ, 0]] and R the binary train interaction matrix [U, I] (or recency-weighted: `recency_weights`).
 - `build_knn_graph`: a frozen item–item graph from one modality's features (LATTICE / FREEDOM): each item
   linked to its k most cosine-similar other items, rows normalised to sum to 1.
 - `propagate`: the LightGCN layer mean  P(x) = 1/(K+1) · Σ_{k=0..K} Âᵏ x.
@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dppmg.data.processing import position_in_group
 from dppmg.errors import DppmgError
 
 # Rows of the item–item similarity matrix computed at once: bounds memory to KNN_CHUNK_ROWS × I floats.
 KNN_CHUNK_ROWS = 2048
+RECENCY_FLOOR = 1e-4  # the smallest recency weight of an edge (`recency_weights`)
 
 
 def _csr(
@@ -41,7 +44,11 @@ def _csr(
 
 
 def build_norm_adj(
-    num_users: int, num_items: int, user_idx: torch.Tensor, item_idx: torch.Tensor
+    num_users: int,
+    num_items: int,
+    user_idx: torch.Tensor,
+    item_idx: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The symmetric normalised bipartite adjacency D^-1/2 A D^-1/2, sparse CSR [(U+I), (U+I)], float32.
 
@@ -50,6 +57,8 @@ def build_norm_adj(
 
     Args:
         user_idx, item_idx: LongTensor [E], the train interactions.
+        weights: optional float [E] > 0, edge weights (`recency_weights`): A holds them instead of 1, and D is
+            the weighted degree, so Â stays symmetric. A repeated pair keeps its largest weight.
     """
     user_idx, item_idx = torch.as_tensor(user_idx).long().cpu(), torch.as_tensor(item_idx).long().cpu()
     if user_idx.shape != item_idx.shape or user_idx.dim() != 1:
@@ -61,14 +70,43 @@ def build_norm_adj(
             raise DppmgError(
                 f"{name} must lie in [0, {n}), got values in [{int(idx.min())}, {int(idx.max())}]"
             )
-    pairs = torch.unique(user_idx * num_items + item_idx)
+    pairs, inverse = torch.unique(user_idx * num_items + item_idx, return_inverse=True)
+    if weights is None:
+        w = torch.ones(len(pairs))
+    else:
+        weights = torch.as_tensor(weights, dtype=torch.float32).cpu()
+        if weights.shape != user_idx.shape or not bool(torch.isfinite(weights).all() and (weights > 0).all()):
+            raise DppmgError(
+                f"edge weights must be finite, positive and one per interaction ({len(user_idx)}), got shape "
+                f"{tuple(weights.shape)}"
+            )
+        w = torch.zeros(len(pairs)).scatter_reduce_(0, inverse, weights, "amax", include_self=False)
     users, items = pairs // num_items, pairs % num_items + num_users
-    rows, cols = torch.cat([users, items]), torch.cat([items, users])
+    rows, cols, w = torch.cat([users, items]), torch.cat([items, users]), torch.cat([w, w])
     n = num_users + num_items
-    deg = torch.bincount(rows, minlength=n).to(torch.float32)
+    deg = torch.bincount(rows, weights=w, minlength=n).to(torch.float32)
     inv_sqrt = deg.pow(-0.5)
     inv_sqrt[deg == 0] = 0.0
-    return _csr(rows, cols, inv_sqrt[rows] * inv_sqrt[cols], n, n)
+    return _csr(rows, cols, w * (inv_sqrt[rows] * inv_sqrt[cols]), n, n)  # exactly symmetric
+
+
+def recency_weights(user_idx: np.ndarray, timestamp: np.ndarray, halflife: float) -> np.ndarray:
+    """float [E]: 2^(-r / halflife) for the interaction that is r-th from the end of its user's history.
+
+    r = 0 is the user's most recent train interaction; ties in time keep their order in the arrays (the order
+    the leave-last-out split used). With a half-life h, an interaction h steps back counts half in the graph.
+    Weights are floored at RECENCY_FLOOR.
+    """
+    if halflife <= 0:
+        raise DppmgError(f"the recency half-life must be positive, got {halflife}")
+    user_idx, timestamp = np.asarray(user_idx), np.asarray(timestamp)
+    order = np.lexsort((np.arange(len(user_idx)), timestamp, user_idx))  # by user, then time, then row
+    pos, size = position_in_group(user_idx[order])
+    from_end = size - 1 - pos
+    out = np.empty(len(order), dtype=np.float64)
+    # Floored, so that no edge of a long history vanishes (2^-40 underflows float32 weights at h = 1).
+    out[order] = np.maximum(0.5 ** (from_end / halflife), RECENCY_FLOOR)
+    return out
 
 
 def build_knn_graph(features: torch.Tensor, k: int, progress: bool = False) -> torch.Tensor:

@@ -28,7 +28,7 @@ from dppmg.tokens import save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import build_tracker
 from stage1_preference.evaluate import full_ranking_metrics, keyword_recovery, preference_recovery
 from stage1_preference.features import residualize
-from stage1_preference.graph import build_knn_graph, build_norm_adj
+from stage1_preference.graph import build_knn_graph, build_norm_adj, recency_weights
 from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, l2_penalty, sample_bpr, score
 from stage1_preference.quantizer import (
     PreferenceQuantizer,
@@ -68,9 +68,15 @@ class Stage1Trainer:
             np.int64, copy=True
         )  # writable: torch shares the memory
         self.train_items = train["item_idx"].to_numpy(np.int64, copy=True)
+        weights = None
+        if cfg.recency_halflife > 0:
+            weights = torch.from_numpy(
+                recency_weights(self.train_users, train["timestamp"].to_numpy(), cfg.recency_halflife)
+            )
         self.adj = build_norm_adj(
-            ds.num_users, ds.num_items, torch.from_numpy(self.train_users), torch.from_numpy(self.train_items)
-        ).to(self.device)
+            ds.num_users, ds.num_items, torch.from_numpy(self.train_users), torch.from_numpy(self.train_items),
+            weights,
+        ).to(self.device)  # fmt: skip
         feats = {m: torch.tensor(np.asarray(ds.features[m]), dtype=torch.float32) for m in self.modalities}
         if cfg.text_specific and {"text", "image"} <= feats.keys():
             feats["text"] = residualize(feats["text"], feats["image"], seed=seed)

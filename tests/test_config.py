@@ -41,6 +41,7 @@ def test_defaults_then_yaml_then_cli(tmp_path):
         (["stage2.rl.weights={}"], "stage2.rl.weights is empty"),
         (["stage2.rl.weights={consistency:1.0}"], "as the one key 'a:1'"),  # YAML wants a space after ':'
         (["eval.max_pairs=-1"], "eval.max_pairs"),
+        (["stage1.recency_halflife=-1"], "stage1.recency_halflife"),
         (["eval.downstream_methods=[oracle]"], "eval.downstream_methods"),
         (["eval.downstream_weights=[-1]"], "eval.downstream_weights"),
     ],

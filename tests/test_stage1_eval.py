@@ -294,6 +294,18 @@ def test_pyg_lightgcn_csr_adjacency_gives_the_same_embeddings():
     assert "edge_index" not in models[1].state_dict()  # the graph is rebuilt, not checkpointed
 
 
+def test_pyg_lightgcn_edge_weights_reach_both_adjacency_forms():
+    users, items = np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 0, 2, 3])
+    weights = np.array([1.0, 0.25, 1.0, 0.5, 0.1, 1.0])
+    out = []
+    for sparse, w in ((False, weights), (True, weights), (True, None)):
+        torch.manual_seed(0)
+        out.append(PygLightGCN(3, 4, users, items, dim=8, layers=2, sparse_adjacency=sparse, edge_weight=w))
+    (u0, _), (u1, _), (u2, _) = (m.embeddings() for m in out)
+    assert torch.allclose(u0, u1, atol=1e-6)  # the weights are used the same way in both forms
+    assert not torch.allclose(u1, u2, atol=1e-3)  # and they change the propagation
+
+
 def test_popularity_scores_by_train_counts(tmp_path):
     # items 0 and 1 are popular in train; user 2's test item is 1, user 3's is the unpopular 3.
     rows = [(0, 0, "train"), (1, 0, "train"), (2, 0, "train"), (1, 1, "train"), (3, 1, "train")]

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from dppmg.errors import DppmgError
-from stage1_preference.graph import build_knn_graph, build_norm_adj, propagate, sparse_matmul, transpose_csr
+from stage1_preference.graph import (
+    RECENCY_FLOOR,
+    build_knn_graph,
+    build_norm_adj,
+    propagate,
+    recency_weights,
+    sparse_matmul,
+    transpose_csr,
+)
 from stage1_preference.model import ID_BRANCH, ModalGNN, bpr_loss, pair_keys, sample_bpr, score, score_all
 from stage1_preference.quantizer import PreferenceQuantizer, codebook_usage, unique_code_ratio
 
@@ -65,6 +73,46 @@ def test_norm_adj_rejects_bad_indices():
         build_norm_adj(2, 3, torch.tensor([0, 1]), torch.tensor([0, 3]))
     with pytest.raises(DppmgError, match="equal length"):
         build_norm_adj(2, 3, torch.tensor([0, 1]), torch.tensor([0]))
+
+
+def test_weighted_norm_adj_normalises_by_weighted_degree(edges):
+    users, items = edges
+    g = torch.Generator().manual_seed(3)
+    weights = torch.rand(len(users), generator=g) + 0.1
+    a = build_norm_adj(NU, NI, users, items, weights).to_dense()
+    assert torch.equal(a, a.T)
+    # A repeated (user, item) pair keeps its largest weight; entry = w / sqrt(weighted deg u · weighted deg i).
+    w = torch.zeros(NU, NI)
+    for u, i, x in zip(users.tolist(), items.tolist(), weights.tolist()):
+        w[u, i] = max(w[u, i], x)
+    deg = torch.cat([w.sum(1), w.sum(0)])
+    expected = w / torch.sqrt(deg[:NU, None] * deg[None, NU:]).clamp_min(1e-12)
+    torch.testing.assert_close(a[:NU, NU:], expected)
+    eig = torch.linalg.eigvalsh(a.double())
+    assert eig.abs().max() <= 1 + 1e-5
+    # Equal weights are the binary graph.
+    same = build_norm_adj(NU, NI, users, items, torch.full((len(users),), 3.0)).to_dense()
+    torch.testing.assert_close(same, build_norm_adj(NU, NI, users, items).to_dense())
+    for bad in (torch.zeros(len(users)), torch.ones(3), torch.full((len(users),), float("nan"))):
+        with pytest.raises(DppmgError, match="edge weights"):
+            build_norm_adj(NU, NI, users, items, bad)
+
+
+def test_recency_weights_halve_every_halflife_back_in_each_history():
+    # user 1's rows are out of time order in the arrays; user 0 has a tie at time 5 (array order decides).
+    users = np.array([1, 0, 1, 0, 0, 1])
+    times = np.array([30, 5, 10, 5, 1, 20])
+    w = recency_weights(users, times, halflife=2.0)
+    # user 0 in time order: rows 4 (t=1), 1 (t=5), 3 (t=5, later in the arrays): 2, 1, 0 steps from the end.
+    # user 1: rows 2 (t=10), 5 (t=20), 0 (t=30).
+    expected = np.empty(6)
+    expected[[4, 1, 3]] = 0.5 ** (np.array([2, 1, 0]) / 2)
+    expected[[2, 5, 0]] = 0.5 ** (np.array([2, 1, 0]) / 2)
+    np.testing.assert_allclose(w, expected)
+    long = recency_weights(np.zeros(200, dtype=np.int64), np.arange(200), halflife=1.0)
+    assert long[-1] == 1.0 and long.min() == RECENCY_FLOOR  # no edge of a long history vanishes
+    with pytest.raises(DppmgError, match="half-life"):
+        recency_weights(users, times, halflife=0)
 
 
 def test_knn_graph_links_each_item_to_its_nearest_others():

@@ -150,6 +150,25 @@ def test_batch_grows_only_past_the_step_bound(finished):
     assert off.batch_size == 8
 
 
+def test_recency_halflife_weights_the_trainers_graph(finished):
+    from dppmg.data.format import load_dataset
+    from stage1_preference.graph import build_norm_adj, recency_weights
+    from stage1_preference.train import Stage1Trainer
+
+    tmp, cfg, _ = finished
+    ds = load_dataset(cfg.data.processed_dir)
+    binary = Stage1Trainer(ds, cfg_for(tmp).stage1, 0).adj.to_dense()
+    recent = Stage1Trainer(ds, cfg_for(tmp, "stage1.recency_halflife=2").stage1, 0).adj.to_dense()
+    train = ds.split("train")
+    u, i = train["user_idx"].to_numpy(), train["item_idx"].to_numpy()
+    w = torch.from_numpy(recency_weights(u, train["timestamp"].to_numpy(), 2.0))
+    expected = build_norm_adj(ds.num_users, ds.num_items, torch.from_numpy(u), torch.from_numpy(i), w)
+    torch.testing.assert_close(recent, expected.to_dense())
+    assert torch.equal(recent != 0, binary != 0) and not torch.allclose(
+        recent, binary
+    )  # same edges, reweighted
+
+
 def test_collision_level_gives_every_user_distinct_tokens(tmp_path):
     # One level of 16 codes cannot give 40 users distinct tuples (pigeonhole): the extra level must.
     out = run_stage1(

@@ -370,7 +370,7 @@ def _split(frame: pd.DataFrame, cfg: DataConfig, seed: int) -> pd.Categorical:
     return pd.Categorical.from_codes(codes.astype(np.int8), categories=list(SPLITS))
 
 
-def _position_in_group(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def position_in_group(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For `groups` sorted ascending: each row's 0-based position in its group, and its group's size."""
     n = len(groups)
     starts = np.r_[True, groups[1:] != groups[:-1]] if n else np.zeros(0, dtype=bool)
@@ -385,7 +385,7 @@ def leave_last_out_codes(u: np.ndarray) -> np.ndarray:
 
     Users with >= 3 interactions get one test and one valid; with 2, train and test; with 1, train.
     """
-    pos, size = _position_in_group(u)
+    pos, size = position_in_group(u)
     from_end = size - 1 - pos
     codes = np.full(len(u), TRAIN, dtype=np.int8)
     codes[(from_end == 0) & (size >= 2)] = TEST
@@ -407,7 +407,7 @@ def random_split_codes(u: np.ndarray, ratios: list[float], seed: int) -> np.ndar
         order = np.argsort((u.astype(np.int64) << 32) | noise, kind="stable")
     else:
         order = np.lexsort((noise, u))
-    rank_sorted, size_sorted = _position_in_group(u[order])
+    rank_sorted, size_sorted = position_in_group(u[order])
     rank, size = np.empty_like(rank_sorted), np.empty_like(size_sorted)
     rank[order], size[order] = rank_sorted, size_sorted
     share = (rank + 0.5) / size
