@@ -11,7 +11,8 @@ over the user's train items i_r, r steps from the end of the history (r = 0 the 
 of the two items' train interaction columns (classic item-based CF, Sarwar et al., WWW 2001). It scans the
 half-life h (and "all", h = ∞, the order-free item-kNN), picks h by validation Recall@20, and reports test
 Recall@20 through the same metric code as stage 1 (`full_ranking_metrics`: train items masked, and valid items
-for test). `stage1.recency_halflife` was set from this scan's validation choice.
+for test). Stage 1's `stage1.recency_halflife=3` in BENCHMARKS.md came from a first draft of this scan (half-lives
+3, 10, 30 only, 3 best on validation); the full scan picks 2. The configs leave the option off.
 """
 
 from __future__ import annotations
