@@ -16,6 +16,8 @@ from dppmg.config import Config, load_config, to_yaml
 from dppmg.errors import DppmgError
 from dppmg.log import logger, setup_logging
 
+FORMATS = ("safetensors", "textual-inversion", "hf")  # stage2_generation.export.FORMATS, without its imports
+
 
 def _config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     """Split `[CONFIG.yaml] [key=value ...]`: the config file is the one argument without '='."""
@@ -143,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument(
         "--user", required=True, help="user id as in the source data, or #<index> for a user index"
     )
+    te = tokens.add_parser(
+        "export",
+        help="a finished run's tokens for use without dppmg (safetensors, diffusers, transformers)",
+        description="Export a run's preference tokens: plain safetensors (codebooks, codes, tuned rows), the image "
+        "tokens in diffusers' textual-inversion format, or the text tokens as a transformers tokenizer and "
+        "embedding rows. Each folder has a README that shows how to load it.",
+    )
+    te.add_argument("run", help="run name (runs/<run>) or run folder")
+    te.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    te.add_argument("--out", help="output folder (default: runs/<run>/export/<format>)")
+    te.add_argument(
+        "--with-base",
+        action="store_true",
+        help="also write the base model (the image pipeline, or the LM with the rows in its table), so the "
+        "folder loads with from_pretrained alone",
+    )
+    te.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    te.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gp = groups.add_parser(
         "generate",
         help="text + image for users and targets with a finished run's tokens",
@@ -177,6 +197,12 @@ def _run_tokens(ns: argparse.Namespace) -> int:
     from dppmg.tokens import TokenCheckpoint, inspect_text, show_user_text
 
     try:
+        if ns.name == "export":
+            from stage2_generation.export import export_run, export_summary
+
+            out = export_run(ns.run, ns.format, ns.out, ns.with_base, ns.overwrite, progress=not ns.quiet)
+            print(export_summary(out))
+            return 0
         path = Path(ns.path)
         if (path / "stage1" / "tokens").is_dir():  # a run folder was given
             path = path / "stage1" / "tokens"

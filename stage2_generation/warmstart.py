@@ -319,7 +319,9 @@ def warm_start(
     folder = Path(cache_root) / warmstart_key(dataset_hash, gen_cfg, ws_cfg, seed, scorer_hash)
     if (folder / MANIFEST_FILE).is_file():
         logger.info("warm-started generators loaded from the cache %s", folder)
-        return load_generators(folder, gen_cfg.device, model_cache, gen_cfg.dtype)
+        gen = load_generators(folder, gen_cfg.device, model_cache, gen_cfg.dtype)
+        gen.info["folder"] = str(folder)  # the base models, for exports (stage2_generation/export.py)
+        return gen
 
     corpus = tokenizer_corpus(ds.items)
     if not corpus:
@@ -347,6 +349,7 @@ def warm_start(
     untouched = gen_cfg.text_model if gen_cfg.text_model is not None and "text" not in report else None
     save_generators(gen, folder, text_source=untouched)  # atomic: staging folder, then one rename
     logger.info("warm-started generators cached in %s", folder)
+    gen.info["folder"] = str(folder)
     return gen
 
 

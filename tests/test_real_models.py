@@ -228,3 +228,39 @@ def test_models_prepare_reports_every_packaged_model_ready(capsys):
     assert set(rows) == {SMOLLM.name, EFFICIENTNET.name}
     assert Path(rows[SMOLLM.name][-1]) == dequantized_folder(SMOLLM.path(), CACHE)
     assert Path(rows[EFFICIENTNET.name][-1]) == EFFICIENTNET.path()
+
+
+def test_smollm2_text_export_loads_with_stock_transformers(personalized, tmp_path):
+    """The `hf` export of tokens injected into SmolLM2: its tokenizer and rows, loaded as its README says."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stage2_generation.export import Tuned, text_base
+    from stage2_generation.injection import export_text_tokens
+
+    model, tokenizer, ckpt, inj, _ = personalized
+    # The folder that `dppmg tokens export --format hf` names as the base of a run on SmolLM2.
+    generators = tmp_path / "generators"
+    generators.mkdir()
+    (generators / "generators.json").write_text(
+        '{"format_version": 1, "text_source": "SmolLM2-135M-Instruct"}'
+    )
+    base = text_base(Tuned(None, generators, CACHE))
+    assert base == str(dequantized_folder(SMOLLM.path(), CACHE))
+
+    folder = tmp_path / "export"
+    rows_file = export_text_tokens(inj, tokenizer, folder)
+    fresh_tokenizer = AutoTokenizer.from_pretrained(folder)
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    plain.resize_token_embeddings(max(len(fresh_tokenizer), plain.get_input_embeddings().num_embeddings))
+    rows = load_file(rows_file)
+    ids = fresh_tokenizer.convert_tokens_to_ids(list(rows))
+    assert ids == inj.token_ids.tolist() and min(ids) >= VOCAB
+    plain.get_input_embeddings().weight.data[ids] = torch.stack(list(rows.values()))
+
+    prompt = prompts_for(tokenizer, ckpt, [1])[0]
+    batch = fresh_tokenizer(prompt, return_tensors="pt")
+    assert batch["input_ids"].tolist() == tokenizer(prompt, return_tensors="pt")["input_ids"].tolist()
+    with torch.no_grad():
+        expected, got = model(**batch).logits[..., :VOCAB], plain.eval()(**batch).logits[..., :VOCAB]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from dppmg import cli as cli_mod
 from dppmg.cli import main
 from dppmg.config import load_config
 from dppmg.errors import DppmgError
 from dppmg.image_encoder import EfficientNetEncoder
 from dppmg.io import read_json
+from dppmg.tokens import TokenCheckpoint
 from stage1_preference.train import run_stage1
+from stage2_generation import export as export_mod
 from stage2_generation import judges as judges_mod
 from stage2_generation import pipeline as pipeline_mod
 from stage2_generation import rl as rl_mod
@@ -345,6 +348,145 @@ def test_generate_command_writes_text_and_png(finished, capsys, tmp_path):
     assert [r["target"] for r in rows] == ["lamp", "rug"]
     assert main(["generate", str(cfg.run_dir), "--user", "nobody", "--target", "lamp", "-q"]) == 2
     assert "unknown user 'nobody'" in capsys.readouterr().err
+
+
+# --- exports, loaded by the libraries they are for ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tuned(finished):
+    cfg, _ = finished
+    return export_mod.load_tuned(cfg.run_dir, progress=False)
+
+
+def export(cfg, fmt, out, *flags):
+    assert main(["tokens", "export", str(cfg.run_dir), "--format", fmt, "--out", str(out), *flags, "-q"]) == 0
+    return out
+
+
+def test_export_formats_are_the_commands_choices():
+    assert cli_mod.FORMATS == export_mod.FORMATS
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_textual_inversion_export_generates_in_stock_diffusers_as_the_run_does(
+    finished, tuned, tmp_path, with_base
+):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    cfg, _ = finished
+    out = export(cfg, "textual-inversion", tmp_path / "ti", *(["--with-base"] if with_base else []))
+    base = out / "base" if with_base else read_json(out / "base.json")["image_pipeline"]
+    # Exactly what the export's README tells a user to write.
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(base), vae=None, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.vae_scale_factor = 1
+    rows = load_file(out / "learned_embeds.safetensors")
+    pipe.load_textual_inversion(list(rows.values()), token=list(rows))
+    assert "pipe.vae_scale_factor = 1" in (out / "README.md").read_text()
+
+    prompts = tuned.policy.image_prompts([Pair(0, "lamp"), Pair(1, "rug")])
+    assert all("<pi_" in p for p in prompts)
+    h, w = tuned.policy.gen.pipe.unet.config.sample_size, tuned.policy.gen.pipe.unet.config.sample_size
+
+    def draw(p):
+        generator = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+        return p(
+            prompts, height=h, width=w, num_inference_steps=3, generator=generator, output_type="latent"
+        ).images
+
+    mine, theirs = draw(tuned.policy.gen.pipe), draw(pipe)
+    assert theirs.shape == (2, 3, h, w)
+    torch.testing.assert_close(theirs, mine, atol=1e-5, rtol=1e-4)
+    # The tokens matter: without them the same noise gives another image.
+    plain = pipe(["lamp", "rug"], height=h, width=w, num_inference_steps=3, output_type="latent",
+                 generator=[torch.Generator().manual_seed(i) for i in range(2)]).images  # fmt: skip
+    assert not torch.allclose(plain, theirs, atol=1e-3)
+
+
+def test_hf_export_loads_in_transformers_with_and_without_the_base(finished, tuned, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, _ = finished
+    lm, tok = tuned.policy.gen.lm, tuned.policy.gen.lm_tokenizer
+    prompt = tuned.policy.text_prompts([Pair(0, "lamp")])[0]
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    vocab = tuned.policy.text.token_ids.min().item()  # the base vocabulary, before the tokens
+    with torch.no_grad():
+        expected = lm(ids).logits[..., :vocab]
+
+    full = export(cfg, "hf", tmp_path / "full", "--with-base")
+    tokenizer, model = AutoTokenizer.from_pretrained(full), AutoModelForCausalLM.from_pretrained(full)
+    assert tokenizer(prompt, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    rows = load_file(full / "token_rows.safetensors")
+    torch.testing.assert_close(
+        model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(list(rows))],
+        torch.stack(list(rows.values())),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :vocab], expected, atol=1e-5, rtol=1e-4)
+    assert set(model.generation_config.suppress_tokens) == set(tuned.policy.text.token_ids.tolist())
+
+    # Without the base: the README's recipe, with the base model that base.json names.
+    lean = export(cfg, "hf", tmp_path / "lean")
+    assert not (lean / "model.safetensors").exists()
+    tokenizer = AutoTokenizer.from_pretrained(lean)
+    model = AutoModelForCausalLM.from_pretrained(read_json(lean / "base.json")["text_model"])
+    model.resize_token_embeddings(max(len(tokenizer), model.get_input_embeddings().num_embeddings))
+    rows = load_file(lean / "token_rows.safetensors")
+    model.get_input_embeddings().weight.data[tokenizer.convert_tokens_to_ids(list(rows))] = torch.stack(
+        list(rows.values())
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :vocab], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_safetensors_export_holds_the_codes_and_the_tuned_rows(finished, tuned, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, _ = finished
+    out = export(cfg, "safetensors", tmp_path / "st")
+    tensors, manifest = load_file(out / "tokens.safetensors"), read_json(out / "manifest.json")
+    ckpt = TokenCheckpoint.load(cfg.run_dir / "stage1" / "tokens")
+    assert manifest["users"]["ids"] == ckpt.user_ids
+    for m in ckpt.modalities:
+        assert torch.equal(tensors[f"codes.{m}"], ckpt.codes[m])
+        assert torch.equal(tensors[f"codebook.{m}"], ckpt.codebooks[m])
+        injected = getattr(tuned.policy, m)
+        torch.testing.assert_close(tensors[f"rows.{m}"], injected.rows().detach())
+        assert manifest["modalities"][m]["token_strings"] == injected.token_strings
+        assert Path(manifest["modalities"][m]["base"]).is_dir()
+
+
+def test_export_keeps_an_existing_folder_and_names_what_is_missing(finished, world, tmp_path, capsys):
+    cfg, _ = finished
+    out = export(cfg, "safetensors", tmp_path / "st")
+    before = (out / "tokens.safetensors").read_bytes()
+    assert (
+        main(["tokens", "export", str(cfg.run_dir), "--format", "safetensors", "--out", str(out), "-q"]) == 2
+    )
+    assert "--overwrite" in capsys.readouterr().err and (out / "tokens.safetensors").read_bytes() == before
+    export(cfg, "safetensors", out, "--overwrite")
+    assert not list(tmp_path.glob(".st.*"))  # no staging folder left behind
+    tmp, _ = world
+    only_stage1 = cfg_for(tmp, "run_name=stage1-only")
+    run_stage1(only_stage1, progress=False)
+    assert main(["tokens", "export", str(only_stage1.run_dir), "--format", "hf", "-q"]) == 2
+    assert "no finished stage 2" in capsys.readouterr().err
+    st = export(only_stage1, "safetensors", tmp_path / "stage1-only")
+    assert "rows.text" not in load_file_keys(st / "tokens.safetensors")
+    assert main(["tokens", "export", str(tmp / "nowhere"), "--format", "hf", "-q"]) == 2
+    assert "run `make stage1`" in capsys.readouterr().err
+
+
+def load_file_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys())
 
 
 # --- typical interactions ---------------------------------------------------------------------------------
