@@ -122,9 +122,10 @@ class FeaturesConfig:
 
 @dataclass
 class TrackingConfig:
-    """Metrics go to W&B when mode is online/offline; `disabled` is a no-op (the default)."""
+    """Where a run's metrics, media and token artifacts go (dppmg/tracking.py, README "Experiment tracking")."""
 
-    mode: str = "disabled"  # disabled | offline | online
+    # auto: WANDB_MODE if set, else online with a W&B API key and offline without | online | offline | disabled
+    mode: str = "auto"
     project: str = "dppmg"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
@@ -527,7 +528,7 @@ class Config:
             raise DppmgError(f"features.scorer.heldout_fraction must be in (0, 1), got {sc.heldout_fraction}")
         st = self.stage1
         _choice("stage1.device", st.device, ("cpu", "cuda", "auto"))
-        _choice("tracking.mode", self.tracking.mode, ("disabled", "offline", "online"))
+        _choice("tracking.mode", self.tracking.mode, ("auto", "online", "offline", "disabled"))
         for m in st.modalities:
             _choice("stage1.modalities", m, ("text", "image"))
         for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every"):

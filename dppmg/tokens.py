@@ -434,6 +434,13 @@ def level_usage(codes: torch.Tensor, codebook_size: int) -> list[float]:
     return [torch.unique(codes[:, level]).numel() / codebook_size for level in range(codes.shape[1])]
 
 
+def code_counts(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """How many users hold each code, per level: int64 [L, K]. codes: [U, L]."""
+    return torch.stack(
+        [torch.bincount(codes[:, level], minlength=codebook_size) for level in range(codes.shape[1])]
+    )
+
+
 def unique_tuple_ratio(codes: torch.Tensor) -> float:
     """Distinct code tuples / users; 1.0 means no two users share all their tokens. codes: [U, L]."""
     if codes.shape[0] == 0:

@@ -24,8 +24,8 @@ from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, write_json
 from dppmg.log import logger
 from dppmg.runs import begin_stage
-from dppmg.tokens import save_token_checkpoint, users_sharing_tuple
-from dppmg.tracking import build_tracker
+from dppmg.tokens import TokenCheckpoint, code_counts, save_token_checkpoint, users_sharing_tuple
+from dppmg.tracking import Tracker, build_tracker, log_code_usage
 from stage1_preference.evaluate import full_ranking_metrics, keyword_recovery, preference_recovery
 from stage1_preference.features import residualize
 from stage1_preference.graph import build_knn_graph, build_norm_adj, recency_weights
@@ -196,7 +196,11 @@ class Stage1Trainer:
         return emb, codes, decoded
 
     def validate(self) -> dict[str, float]:
-        emb, _, decoded = self.embeddings()
+        return self.validate_with_codes()[0]
+
+    def validate_with_codes(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Validation metrics, and every user's codes per modality ({} before the quantizer is trained)."""
+        emb, codes, decoded = self.embeddings()
         ks = self.cfg.ks
         out = {
             f"valid/{k}": v
@@ -206,7 +210,7 @@ class Stage1Trainer:
             users_q = {**emb.users, **decoded}
             metrics_q = full_ranking_metrics(users_q, emb.items, self.ds.interactions, "valid", ks)
             out.update({f"valid/{k}_quantized": v for k, v in metrics_q.items() if k != "users_evaluated"})
-        return out
+        return out, codes
 
     # ---- checkpoints ------------------------------------------------------------------------------
 
@@ -269,12 +273,15 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
         _fit(trainer, tracker, ckpt, best, fingerprint, progress)
         metrics = finalize(trainer, best, out, cfg, fingerprint)
         tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        _track_tokens(tracker, out / "tokens", cfg, trainer.state.epoch)
     finally:
         tracker.finish()
     return out
 
 
-def _fit(trainer: Stage1Trainer, tracker, ckpt: Path, best: Path, fingerprint: str, progress: bool) -> None:
+def _fit(
+    trainer: Stage1Trainer, tracker: Tracker, ckpt: Path, best: Path, fingerprint: str, progress: bool
+) -> None:
     cfg, st = trainer.cfg, trainer.state
     bar = tqdm(total=cfg.epochs, initial=st.epoch, desc="stage 1", unit="epoch", disable=not progress)
     while st.epoch < cfg.epochs:
@@ -283,7 +290,11 @@ def _fit(trainer: Stage1Trainer, tracker, ckpt: Path, best: Path, fingerprint: s
         st.epoch_seconds.append(time.perf_counter() - t0)
         st.epoch += 1
         if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs:
-            logs.update(trainer.validate())
+            valid, codes = trainer.validate_with_codes()
+            logs.update(valid)
+            for m, c in codes.items():  # how the codebooks are used as training goes (W&B histograms)
+                for level, counts in enumerate(code_counts(c.cpu(), cfg.vq_codebook_size)):
+                    tracker.histogram(f"codes/{m}/level_{level}", counts.tolist(), step=st.epoch)
             recall = logs["valid/recall@20"]
             # Only epochs with a trained quantizer can be the best: the tokens are the product.
             if st.vq_initialised and recall > st.best_recall:
@@ -315,6 +326,18 @@ def _fit(trainer: Stage1Trainer, tracker, ckpt: Path, best: Path, fingerprint: s
             )
             break
     bar.close()
+
+
+def _track_tokens(tracker: Tracker, folder: Path, cfg: Config, step: int) -> None:
+    """The token checkpoint's code usage (histograms "tokens/<modality>/level_<l>") and the checkpoint itself as
+    a W&B artifact of type "tokens"; the NoOpTracker ignores both."""
+    ckpt = TokenCheckpoint.load(folder)
+    log_code_usage(tracker, ckpt, "tokens", step=step)
+    meta = {
+        "dataset": ckpt.manifest["dataset"].get("name"), "content_hash": ckpt.content_hash,
+        "digest": ckpt.digest(), "modalities": {m: [ckpt.levels(m), ckpt.codebook_size(m)] for m in ckpt.modalities},
+    }  # fmt: skip
+    tracker.artifact(f"{cfg.run_name}-stage1-tokens", "tokens", {".": folder}, metadata=meta)
 
 
 def _load_best(trainer: Stage1Trainer, best: Path) -> None:

@@ -37,7 +37,7 @@ from dppmg.log import logger
 from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
 from dppmg.tokens import TokenCheckpoint
-from dppmg.tracking import build_tracker, flatten_metrics
+from dppmg.tracking import Tracker, build_tracker, flatten_metrics
 from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
 from stage2_generation.evaluation.methods import OracleMethod, generate_with_tokens
@@ -295,6 +295,7 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
             _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
         metrics = _finish(out, cfg, c, state, pairs, fingerprint, judges, time.perf_counter() - total_start)
         tracker.summary(flatten_metrics({k: v for k, v in metrics.items() if k in ("heldout", "timing")}))
+        _track_outputs(tracker, out, cfg, ds, pairs, state, fingerprint)
     finally:
         tracker.finish()
     return out
@@ -459,6 +460,32 @@ def _finish(
             "  heldout.%-9s %s", k, "  ".join(f"{m}={heldout[k][m]:.4f}" for m in (*METRIC_NAMES, TOTAL_KEY))
         )
     return metrics
+
+
+def _track_outputs(
+    tracker: Tracker, out: Path, cfg: Config, ds: ProcessedDataset, pairs: list[Pair], state: Stage2State,
+    fingerprint: str,
+) -> None:  # fmt: skip
+    """The gallery pairs' images per condition (before and after RL side by side), a table of every held-out
+    generation, and the tuned tokens with their exports as a W&B artifact of type "tokens"."""
+    shown = pairs[: cfg.stage2.generation.gallery_users]
+    captions = [f"{_user_id(ds, p.user)}: {p.keywords}" for p in shown]
+    for cond in CONDITIONS:
+        tracker.images(
+            f"generations/{cond}", state.evals[cond].images[: len(shown)], captions, step=state.iteration
+        )
+    scores = [m for m in (*METRIC_NAMES, TOTAL_KEY) if m in state.evals["rl"].per_pair]
+    rows = [
+        [_user_id(ds, p.user), p.keywords, cond, g.texts[k], g.images[k], *(g.per_pair[m][k] for m in scores)]
+        for cond, g in ((c, state.evals[c]) for c in CONDITIONS)
+        for k, p in enumerate(pairs)
+    ]
+    tracker.table("generations/table", ["user", "target", "condition", "text", "image", *scores], rows)
+    entries = {name: out / name for name in (TOKENS_FILE, GROUNDED_TOKENS_FILE) if (out / name).is_file()}
+    if (out / "export").is_dir():
+        entries["export"] = out / "export"
+    meta = {"fingerprint": fingerprint, "rl_iterations": state.iteration, "heldout_pairs": len(pairs)}
+    tracker.artifact(f"{cfg.run_name}-stage2-tokens", "tokens", entries, metadata=meta)
 
 
 def _user_id(ds: ProcessedDataset, user: int) -> str:

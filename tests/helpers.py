@@ -35,3 +35,71 @@ def assert_generate_never_emits(model, ids: torch.Tensor, new: set[int]) -> None
     for seq in (greedy, sampled):
         assert seq.shape[1] > ids.shape[1]
         assert not new & set(seq[0, ids.shape[1] :].tolist())
+
+
+class FakeWandb:
+    """Stands in for the wandb module (put it in sys.modules["wandb"]): records every run's calls, no files.
+
+    `runs` holds one FakeRun per `init`; media objects keep what they were built from, so tests can assert on
+    keys, shapes, table columns, histogram counts and artifact contents.
+    """
+
+    class errors:  # noqa: N801 - mirrors wandb.errors
+        class Error(Exception):
+            pass
+
+    def __init__(self) -> None:
+        self.runs: list[FakeRun] = []
+
+    def init(self, **kwargs) -> FakeRun:
+        run = FakeRun(kwargs)
+        self.runs.append(run)
+        return run
+
+    def run(self, job: str) -> FakeRun:
+        (run,) = [r for r in self.runs if r.init["job_type"] == job]
+        return run
+
+    class Image:
+        def __init__(self, data, caption=None):
+            self.data, self.caption = data, caption
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    class Histogram:
+        def __init__(self, np_histogram):
+            self.counts, self.edges = np_histogram
+
+    class Artifact:
+        def __init__(self, name, type, metadata=None):
+            self.name, self.type, self.metadata, self.entries = name, type, metadata, {}
+
+        def add_dir(self, local, name=None):
+            self.entries[name or "."] = Path(local)
+
+        def add_file(self, local, name=None):
+            self.entries[name or Path(local).name] = Path(local)
+
+
+class FakeRun:
+    def __init__(self, init: dict) -> None:
+        self.init, self.logs, self.summary, self.artifacts, self.finished = init, [], {}, [], 0
+        self.dir = str(Path(init["dir"]) / "wandb" / "offline-run-fake" / "files")
+
+    def log(self, data: dict, step=None) -> None:
+        self.logs.append((step, data))
+
+    def logged(self, key: str) -> list:
+        """Every value logged under `key`, in order."""
+        return [d[key] for _, d in self.logs if key in d]
+
+    def keys(self) -> set[str]:
+        return {k for _, d in self.logs for k in d}
+
+    def log_artifact(self, artifact) -> None:
+        self.artifacts.append(artifact)
+
+    def finish(self) -> None:
+        self.finished += 1

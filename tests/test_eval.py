@@ -1,18 +1,20 @@
 """`dppmg eval` on the debug world: every method, the metric list, intervals, outputs, cache, ablations, contract."""
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import text_token_checkpoint
+from helpers import FakeWandb, text_token_checkpoint
 
 from dppmg.cli import main
 from dppmg.config import load_config
 from dppmg.errors import DppmgError
 from dppmg.io import read_json
+from dppmg.tokens import TokenCheckpoint
 from stage1_preference.train import run_stage1
 from stage2_generation.evaluation import run as run_mod
 from stage2_generation.evaluation.methods import TokenMethod, continuous_checkpoint, variant_weights
@@ -30,13 +32,28 @@ def cfg_for(tmp: Path, *overrides):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """The debug world after stage 1, stage 2 and eval, with the configs/debug.yaml settings only."""
+def fake_wandb() -> FakeWandb:
+    """What the three jobs of `evaluated` sent to W&B."""
+    return FakeWandb()
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, fake_wandb):
+    """The debug world after stage 1, stage 2 and eval, with the configs/debug.yaml settings only.
+
+    The three jobs track to `fake_wandb` (tracking.mode=offline, with the fake in place of the wandb module), so
+    this one pipeline run also shows what each job logs. Tracking is in no fingerprint, so `cfg` (tracking
+    disabled, as every test runs) names the same run.
+    """
     tmp = tmp_path_factory.mktemp("eval")
     cfg = cfg_for(tmp)
-    run_stage1(cfg, progress=False)
-    run_stage2(cfg, progress=False)
-    return tmp, cfg, run_eval(cfg, progress=False)
+    tracked = cfg_for(tmp, "tracking.mode=offline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "wandb", fake_wandb)
+        run_stage1(tracked, progress=False)
+        run_stage2(tracked, progress=False)
+        out = run_eval(tracked, progress=False)
+    return tmp, cfg, out
 
 
 def test_eval_scores_every_method_on_the_same_pairs(evaluated):
@@ -263,3 +280,69 @@ def test_run_eval_counts_pairs_and_seeds(evaluated):
     with np.load(cached[0]) as z:
         assert z["images"].shape[0] == 4 and json.loads(str(z["meta"]))["texts"]
     assert run_mod.REFERENCE == "dppmg"
+
+
+# --- what each job sends to W&B ---------------------------------------------------------------------------
+
+
+def test_every_job_tracks_its_config_metrics_media_and_tokens(evaluated, fake_wandb):
+    tmp, cfg, out = evaluated
+    run_dir = cfg.run_dir
+    assert [r.init["job_type"] for r in fake_wandb.runs] == ["stage1", "stage2", "eval"]
+    for r in fake_wandb.runs:
+        assert (
+            r.init["mode"] == "offline" and r.init["dir"] == str(run_dir) and r.init["group"] == cfg.run_name
+        )
+        assert (
+            r.init["config"]["stage1"]["vq_codebook_size"] == cfg.stage1.vq_codebook_size
+        )  # the resolved config
+        assert r.finished == 1
+
+    s1 = fake_wandb.run("stage1")
+    ckpt = TokenCheckpoint.load(run_dir / "stage1" / "tokens")
+    losses = [step for step, d in s1.logs if "train/loss" in d]
+    assert losses == list(range(1, read_json(run_dir / "stage1" / "metrics.json")["epochs_run"] + 1))
+    assert "recall@20" in s1.summary
+    size = cfg.stage1.vq_codebook_size
+    for m in ckpt.modalities:
+        per_epoch = s1.logged(f"codes/{m}/level_0")  # every validated epoch with a trained quantizer
+        assert per_epoch and all(
+            h.counts.sum() == ckpt.num_users and len(h.counts) == size for h in per_epoch
+        )
+        for level in range(ckpt.levels(m)):
+            (final,) = s1.logged(f"tokens/{m}/level_{level}")
+            assert final.counts.tolist() == torch.bincount(ckpt.codes[m][:, level], minlength=size).tolist()
+    (art,) = s1.artifacts
+    assert art.type == "tokens" and art.entries == {".": run_dir / "stage1" / "tokens"}
+    assert art.metadata["digest"] == ckpt.digest()
+
+    s2 = fake_wandb.run("stage2")
+    keys = s2.keys()
+    assert {"grounded/reward", "rl/text/reward", "rl/image/reward", "rl/seconds"} <= keys  # per RL iteration
+    assert [step for step, d in s2.logs if "rl/text/reward" in d] == list(
+        range(1, cfg.stage2.rl.iterations + 1)
+    )
+    shown = cfg.stage2.generation.gallery_users
+    for cond in ("none", "grounded", "rl"):  # before and after RL, the gallery's pairs
+        (images,) = s2.logged(f"generations/{cond}")
+        assert len(images) == shown and images[0].data.dtype == np.uint8 and images[0].data.ndim == 3
+        assert all(":" in i.caption for i in images)  # "user: target"
+    (table,) = s2.logged("generations/table")
+    assert table.columns[:5] == ["user", "target", "condition", "text", "image"] and "reward" in table.columns
+    pairs = read_json(run_dir / "stage2" / "metrics.json")["heldout_pairs"]
+    assert len(table.data) == 3 * pairs and isinstance(table.data[0][4], FakeWandb.Image)
+    assert "heldout/rl/reward" in s2.summary
+    (art,) = s2.artifacts
+    assert set(art.entries) == {"tokens.safetensors", "tokens_grounded.safetensors", "export"}
+
+    ev = fake_wandb.run("eval")
+    results = read_json(out / "results.json")
+    (table,) = ev.logged("results")
+    assert [row[0] for row in table.data] == list(results["methods"])
+    col = table.columns.index("consistency")
+    assert table.data[0][col] == pytest.approx(results["methods"][table.data[0][0]]["consistency"]["mean"])
+    assert {f"plots/{p.stem}" for p in (out / "plots").glob("*.png")} <= ev.keys()
+    assert ev.logged("plots/metrics")[0][0].data.ndim == 3
+    (samples,) = ev.logged("samples")
+    assert len(samples.data) == len(results["methods"]) * min(cfg.eval.sample_users, results["pairs"])
+    assert not ev.artifacts

@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     straight = run_stage1(cfg_for(tmp_path, "run_name=straight"), progress=False)
 
     calls = {"n": 0}
-    real_validate = train_mod.Stage1Trainer.validate
+    real_validate = train_mod.Stage1Trainer.validate_with_codes
 
     def crash_after_four(self):
         calls["n"] += 1
@@ -88,10 +88,10 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C during epoch 4's evaluation
         return real_validate(self)
 
-    monkeypatch.setattr(train_mod.Stage1Trainer, "validate", crash_after_four)
+    monkeypatch.setattr(train_mod.Stage1Trainer, "validate_with_codes", crash_after_four)
     with pytest.raises(KeyboardInterrupt):
         run_stage1(cfg_for(tmp_path, "run_name=resumed"), progress=False)
-    monkeypatch.setattr(train_mod.Stage1Trainer, "validate", real_validate)
+    monkeypatch.setattr(train_mod.Stage1Trainer, "validate_with_codes", real_validate)
     ckpt = torch.load(tmp_path / "runs" / "resumed" / "stage1" / "checkpoint.pt", weights_only=False)
     assert ckpt["state"]["epoch"] == 3  # three epochs finished before the interruption
     resumed = run_stage1(cfg_for(tmp_path, "run_name=resumed"), progress=False)

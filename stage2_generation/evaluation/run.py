@@ -33,6 +33,7 @@ from dppmg.io import atomic_path, write_json, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
+from dppmg.tracking import Tracker, build_tracker
 from stage2_generation.evaluate import heldout_pairs, split_users
 from stage2_generation.evaluation.downstream import downstream_pairs, downstream_recall
 from stage2_generation.evaluation.methods import (
@@ -79,6 +80,15 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
     """Evaluate every configured method for `cfg.run_name`; returns runs/<run>/eval/."""
     start = time.perf_counter()
     ev = _open(cfg, progress)
+    tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="eval")
+    try:
+        return _evaluate(ev, tracker, start, progress)
+    finally:
+        tracker.finish()
+
+
+def _evaluate(ev: Evaluation, tracker: Tracker, start: float, progress: bool) -> Path:
+    cfg = ev.cfg
     methods = [m for m in cfg.eval.methods if _available(ev, m)]
     built: dict[str, Method] = {}
     results: dict[str, dict[str, np.ndarray]] = {}  # method -> metric -> [seeds, pairs]
@@ -114,8 +124,37 @@ def run_eval(cfg: Config, progress: bool = True) -> Path:
         first = gens["pmg"]
         summary["pmg"] = {"extractor": first.info.get("extractor"), "samples": keyword_samples(ev, first)}
     write_outputs(ev, summary, gens, first_scores, tradeoff)
+    track_results(tracker, ev, summary, gens)
     logger.info("eval done in %.0f s: %s", ev.seconds["total"], ev.out)
     return ev.out
+
+
+def track_results(
+    tracker: Tracker, ev: Evaluation, summary: dict[str, Any], gens: dict[str, Generation]
+) -> None:
+    """To W&B: the results table (one row per method, a column per metric's mean; the intervals are in
+    results.json), the same means as the run's summary, the plots of eval/plots/, and the first seed's
+    generations for the page's sample users, one row per (method, pair)."""
+    from PIL import Image
+
+    metrics = list(dict.fromkeys(m for row in summary["methods"].values() for m in row))
+    means = {
+        name: {m: row[m]["mean"] if m in row else None for m in metrics}
+        for name, row in summary["methods"].items()
+    }
+    tracker.table("results", ["method", *metrics], [[name, *row.values()] for name, row in means.items()])
+    tracker.summary({"methods": means})
+    for png in sorted((ev.out / "plots").glob("*.png")):
+        with Image.open(png) as im:
+            tracker.images(f"plots/{png.stem}", np.asarray(im.convert("RGB"))[None], [png.name])
+    ds = ev.components.ds
+    shown = ev.pairs[: ev.cfg.eval.sample_users]
+    rows = [
+        [name, str(ds.users["user_id"].iat[p.user]), p.keywords, g.texts[k], g.images[k]]
+        for name, g in gens.items()
+        for k, p in enumerate(shown)
+    ]
+    tracker.table("samples", ["method", "user", "target", "text", "image"], rows)
 
 
 def downstream_use(ev: Evaluation, built: dict[str, Method], progress: bool) -> dict[str, Any]:
