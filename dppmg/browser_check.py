@@ -64,6 +64,7 @@ def find_chromium() -> tuple[str, str] | None:
 def check_page(path: str | Path) -> PageReport:
     """Load `path` as a file:// URL, wait for every image, and collect broken images and console errors."""
     from selenium import webdriver  # a dev dependency, imported only when a page is checked
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -85,7 +86,12 @@ def check_page(path: str | Path) -> PageReport:
     try:
         driver.set_page_load_timeout(LOAD_TIMEOUT_S)
         driver.get(path.as_uri())
-        WebDriverWait(driver, LOAD_TIMEOUT_S).until(lambda d: d.execute_script(_ALL_COMPLETE_JS))
+        try:
+            WebDriverWait(driver, LOAD_TIMEOUT_S).until(lambda d: d.execute_script(_ALL_COMPLETE_JS))
+        except TimeoutException:
+            raise DppmgError(
+                f"{path}: the page or its images did not finish loading in {LOAD_TIMEOUT_S} s"
+            ) from None
         images = driver.execute_script(_IMAGES_JS)
         logs = driver.get_log("browser")
     finally:
