@@ -12,7 +12,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval clean-venv
+.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages browser clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -69,7 +69,7 @@ stage2: $(STAMP) $(NEEDS_MODELS)
 eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed
 	$(DPPMG) eval $(CONFIG) $(ARGS)
 
-bench: bench-data bench-stage1 bench-stage2 bench-movielens bench-eval
+bench: bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages
 
 bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -88,6 +88,18 @@ bench-movielens: models
 # `dppmg eval` timed after the stages of CONFIG's run, with issue #12's targets checked on eval/results.json.
 bench-eval: models
 	$(PY) benchmarks/bench_eval.py --config $(CONFIG) $(ARGS)
+
+# The pages of CONFIG's run (stage2/gallery.html, eval/index.html) in headless Chromium; after bench-eval.
+bench-pages: $(STAMP)
+	$(PY) benchmarks/bench_pages.py --config $(CONFIG) $(ARGS)
+
+# Debian's chromium and chromedriver for tests/test_browser.py (about 30 s); a no-op when both are there, and
+# never fatal: without apt or root the browser test skips.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	    $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "browser: chromium not installed; tests/test_browser.py will skip"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dppmg.tokens import TokenCheckpoint, save_token_checkpoint
+from stage2_generation.gallery import GalleryEntry, Shown
+
+GALLERY_CONDITIONS = ("non-personalized", "before RL (grounded)", "after RL")
 
 
 def text_token_checkpoint(
@@ -103,3 +107,25 @@ class FakeRun:
 
     def finish(self) -> None:
         self.finished += 1
+
+
+def gallery_image(seed: int, side: int = 32) -> np.ndarray:
+    """Random RGB pixels [side, side, 3] uint8."""
+    return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def gallery_entry(user: str, n_history: int, seed: int = 0, with_target_image: bool = True) -> GalleryEntry:
+    """A gallery entry with `n_history` past items, a target and one generation per GALLERY_CONDITIONS."""
+    history = [Shown(f"past item {k}", gallery_image(seed * 100 + k)) for k in range(n_history)]
+    conditions = GALLERY_CONDITIONS
+    generations = {
+        c: Shown(f"{c} text", gallery_image(seed * 100 + 50 + j)) for j, c in enumerate(conditions)
+    }
+    return GalleryEntry(
+        user_id=user,
+        history=history,
+        target="lamp",
+        target_item=Shown("a red lamp", gallery_image(seed * 100 + 99)) if with_target_image else None,
+        generations=generations,
+        scores={c: {"personalization_image": 0.1 * j, "consistency": 0.5} for j, c in enumerate(conditions)},
+    )

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import GALLERY_CONDITIONS, gallery_entry, gallery_image
 from PIL import Image
 
 from dppmg.errors import DppmgError
 from stage2_generation.gallery import MAX_HISTORY, GalleryEntry, Shown, write_gallery
 
 EVIL = "<script>alert('x')</script> & \"quotes\""
-CONDITIONS = ("non-personalized", "before RL (grounded)", "after RL")
 
 
 class Page(HTMLParser):
@@ -63,23 +63,6 @@ def parse(path: Path) -> tuple[str, Page]:
     return text, page
 
 
-def image(seed: int, side: int = 32) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-
-
-def entry(user: str, n_history: int, seed: int = 0, with_target_image: bool = True) -> GalleryEntry:
-    history = [Shown(f"past item {k}", image(seed * 100 + k)) for k in range(n_history)]
-    generations = {c: Shown(f"{c} text", image(seed * 100 + 50 + j)) for j, c in enumerate(CONDITIONS)}
-    return GalleryEntry(
-        user_id=user,
-        history=history,
-        target="lamp",
-        target_item=Shown("a red lamp", image(seed * 100 + 99)) if with_target_image else None,
-        generations=generations,
-        scores={c: {"personalization_image": 0.1 * j, "consistency": 0.5} for j, c in enumerate(CONDITIONS)},
-    )
-
-
 def shown_images(e: GalleryEntry) -> list[np.ndarray]:
     """The images the page should show for an entry, in page order."""
     out = [h.image for h in e.history[-MAX_HISTORY:] if h.image is not None]
@@ -89,9 +72,12 @@ def shown_images(e: GalleryEntry) -> list[np.ndarray]:
 
 
 def test_every_image_is_a_png_data_uri_of_the_given_pixels(tmp_path: Path):
-    entries = [entry("user_1", 3, seed=1), entry("user_2", 5, seed=2, with_target_image=False)]
+    entries = [
+        gallery_entry("user_1", 3, seed=1),
+        gallery_entry("user_2", 5, seed=2, with_target_image=False),
+    ]
     entries[0].generations["after RL"] = Shown(text="text only")  # a generation without an image
-    entries[1].history[0] = Shown(image=image(7, side=20))  # an image without text, another size
+    entries[1].history[0] = Shown(image=gallery_image(7, side=20))  # an image without text, another size
     _, page = parse(write_gallery(tmp_path / "g.html", entries, title="t"))
     expected = [im for e in entries for im in shown_images(e)]
     assert len(page.img_sources) == len(expected) == 3 + 1 + 2 + 5 + 3
@@ -105,7 +91,7 @@ def test_every_image_is_a_png_data_uri_of_the_given_pixels(tmp_path: Path):
 
 def test_page_references_nothing_outside_itself(tmp_path: Path):
     text, page = parse(
-        write_gallery(tmp_path / "g.html", [entry("u", 12)], title="t", summary={"a": {"m": 1}})
+        write_gallery(tmp_path / "g.html", [gallery_entry("u", 12)], title="t", summary={"a": {"m": 1}})
     )
     outside_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", text)  # base64 may hold "//"
     for needle in ("http://", "https://", 'src="/', "url(", "@import", "//"):
@@ -121,10 +107,10 @@ def test_page_references_nothing_outside_itself(tmp_path: Path):
 def test_all_text_is_escaped(tmp_path: Path):
     e = GalleryEntry(
         user_id=EVIL,
-        history=[Shown(EVIL, image(0))],
+        history=[Shown(EVIL, gallery_image(0))],
         target=EVIL,
         target_item=Shown(EVIL),
-        generations={EVIL: Shown(EVIL, image(1))},
+        generations={EVIL: Shown(EVIL, gallery_image(1))},
         scores={EVIL: {EVIL: 1.0}},
     )
     text, page = parse(
@@ -153,8 +139,8 @@ def test_summary_table_has_conditions_as_rows_and_metrics_as_columns(tmp_path: P
 
 
 def test_generations_in_dict_order_with_their_scores(tmp_path: Path):
-    text, page = parse(write_gallery(tmp_path / "g.html", [entry("u", 2)], title="t"))
-    positions = [text.index(f"<h3>{c}</h3>") for c in CONDITIONS]
+    text, page = parse(write_gallery(tmp_path / "g.html", [gallery_entry("u", 2)], title="t"))
+    positions = [text.index(f"<h3>{c}</h3>") for c in GALLERY_CONDITIONS]
     assert positions == sorted(positions)
     assert page.tables["scores"] == [["personalization_image", "0"], ["consistency", "0.5"]] + [
         ["personalization_image", "0.1"],
@@ -166,16 +152,16 @@ def test_generations_in_dict_order_with_their_scores(tmp_path: Path):
 
 def test_long_history_shows_the_last_items_and_says_how_many_were_left_out(tmp_path: Path):
     text, page = parse(
-        write_gallery(tmp_path / "g.html", [entry("u", 12, with_target_image=False)], title="t")
+        write_gallery(tmp_path / "g.html", [gallery_entry("u", 12, with_target_image=False)], title="t")
     )
     assert MAX_HISTORY == 8
     assert "last 8 of 12 (4 earlier not shown)" in text
     assert "past item 3<" not in text and "past item 4<" in text and "past item 11<" in text
-    assert len(page.img_sources) == 8 + len(CONDITIONS)
+    assert len(page.img_sources) == 8 + len(GALLERY_CONDITIONS)
 
 
 def test_written_atomically_and_returns_the_path(tmp_path: Path):
-    out = write_gallery(tmp_path / "sub" / "gallery.html", [entry("u", 1)], title="t")
+    out = write_gallery(tmp_path / "sub" / "gallery.html", [gallery_entry("u", 1)], title="t")
     assert out == tmp_path / "sub" / "gallery.html" and out.is_file()
     assert [p.name for p in out.parent.iterdir()] == ["gallery.html"]  # no temporary file left behind
 
@@ -190,16 +176,16 @@ def test_written_atomically_and_returns_the_path(tmp_path: Path):
     ],
 )
 def test_bad_image_names_the_entry_and_field(tmp_path: Path, bad, message: str):
-    e = entry("user_7", 2)
+    e = gallery_entry("user_7", 2)
     e.generations["after RL"] = Shown("x", bad)
     with pytest.raises(DppmgError, match=message) as err:
-        write_gallery(tmp_path / "g.html", [entry("user_1", 1), e], title="t")
+        write_gallery(tmp_path / "g.html", [gallery_entry("user_1", 1), e], title="t")
     assert re.search(r"entry 1 \(user 'user_7'\) generations\['after RL'\]\.image", str(err.value))
     assert not (tmp_path / "g.html").exists()
 
 
 def test_bad_scores_are_named(tmp_path: Path):
-    e = entry("u", 1)
+    e = gallery_entry("u", 1)
     e.scores = {"after RL": {"consistency": "high"}}
     with pytest.raises(DppmgError, match=r"scores\['after RL'\]\['consistency'\]"):
         write_gallery(tmp_path / "g.html", [e], title="t")
