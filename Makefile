@@ -5,6 +5,7 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 CONFIG      ?= configs/default.yaml
 ARGS        ?=
+NPROC       ?= 1
 PY          := $(VENV)/bin/python
 DPPMG       := $(VENV)/bin/dppmg
 STAMP       := $(VENV)/.installed
@@ -12,7 +13,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages browser clean-venv
+.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -58,8 +59,13 @@ stats: $(STAMP) $(NEEDS_MODELS)
 	$(DPPMG) data stats $(CONFIG) $(ARGS)
 
 # Prepares the dataset first when it is missing (a no-op when it is up to date).
+# NPROC=2 (or more) trains on that many processes of this machine with torchrun; README "Many processes".
 stage1: $(STAMP) $(NEEDS_MODELS)
+ifeq ($(NPROC),1)
 	$(DPPMG) stage1 $(CONFIG) $(ARGS)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dppmg stage1 $(CONFIG) $(ARGS)
+endif
 
 # Needs stage 1's tokens for the same run_name; warm-starts the generators on first use (cached per dataset).
 stage2: $(STAMP) $(NEEDS_MODELS)
@@ -76,6 +82,10 @@ bench-data: $(STAMP) $(NEEDS_MODELS)
 
 bench-stage1: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_stage1.py $(ARGS)
+
+# Stage 1 on one and on two processes (torchrun, gloo), same config and seed: Recall@20 and epoch time.
+bench-distributed: $(STAMP)
+	$(PY) benchmarks/bench_distributed.py --config $(CONFIG) $(ARGS)
 
 # About 20 minutes on 2 cores: stage 2 twice (cold generator cache, then cached).
 bench-stage2: $(STAMP) $(NEEDS_MODELS)

@@ -78,6 +78,11 @@ class PreferenceQuantizer(nn.Module):
                     # `forward` applies its own straight-through estimator, so the library's gradient path
                     # through the codes (by default the rotation trick) would be computed only to be dropped.
                     rotation_trick=False,
+                    # Under torchrun every process quantizes the same users (Stage1Trainer._batch_loss), so
+                    # identical local EMA updates keep the codebooks equal; the library's all-reduce would count
+                    # each user once per process.
+                    sync_codebook=False,
+                    sync_kmeans=False,
                 )
                 for m in self.modalities
             }

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,14 @@ from tqdm.auto import tqdm
 from dppmg.config import Config, Stage1Config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.device import resolve_device
+from dppmg.distributed import Dist, barrier, broadcast_flag, init_distributed, shutdown
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, write_json
 from dppmg.log import logger
 from dppmg.runs import begin_stage
+from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, code_counts, save_token_checkpoint, users_sharing_tuple
-from dppmg.tracking import Tracker, build_tracker, log_code_usage
+from dppmg.tracking import NoOpTracker, Tracker, build_tracker, log_code_usage
 from stage1_preference.evaluate import full_ranking_metrics, keyword_recovery, preference_recovery
 from stage1_preference.features import residualize
 from stage1_preference.graph import build_knn_graph, build_norm_adj, recency_weights
@@ -55,8 +60,9 @@ class TrainState:
 class Stage1Trainer:
     """The GNN + quantizer on one processed dataset, with the phases of training as methods."""
 
-    def __init__(self, ds: ProcessedDataset, cfg: Stage1Config, seed: int):
+    def __init__(self, ds: ProcessedDataset, cfg: Stage1Config, seed: int, dist: Dist | None = None):
         self.ds, self.cfg, self.seed = ds, cfg, seed
+        self.dist = dist or Dist()
         self.device = resolve_device(cfg.device)
         self.modalities = [m for m in cfg.modalities if m in ds.features]
         if not self.modalities:
@@ -94,7 +100,18 @@ class Stage1Trainer:
             self.modalities, cfg.dim, cfg.vq_levels, cfg.vq_codebook_size,
             commitment_weight=cfg.vq_commitment_weight, dead_code_threshold=cfg.vq_dead_code_threshold,
         ).to(self.device)  # fmt: skip
-        params = list(self.model.parameters()) + [p for p in self.quantizer.parameters() if p.requires_grad]
+        # Many processes (torchrun): DDP averages the GNN's gradients. The quantizer's codebooks are EMA buffers
+        # that every process updates from the same users (`_batch_loss`), so they stay equal without syncing.
+        self.forward_model: torch.nn.Module = self.model
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=ids)
+        self._unsynced = [
+            p for p in self.quantizer.parameters() if p.requires_grad
+        ]  # none with EMA codebooks
+        params = list(self.model.parameters()) + self._unsynced
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
         self.rng = np.random.default_rng(seed)
         self.torch_rng = torch.Generator().manual_seed(seed)  # which users the VQ sees on large graphs
@@ -137,31 +154,63 @@ class Stage1Trainer:
         totals = {"loss": 0.0, "bpr": 0.0, "bpr_quantized": 0.0, "vq": 0.0}
         batch = self.batch_size
         steps = range(0, len(u), batch)
+        # Every process draws the same triples (same seed); with many, each takes every world-th row of a batch,
+        # so together they cover the batch a single process would, and averaged gradients make the same step.
+        rank, world = self.dist.rank, self.dist.world
         for start in tqdm(steps, desc=f"epoch {self.state.epoch + 1}", leave=False, disable=not progress):
-            sl = slice(start, start + batch)
-            parts = self._batch_loss(u[sl], pos[sl], neg[sl])
+            sl = slice(start + rank, start + batch, world)
+            # A share's mean, weighted by its share of the batch (the last batch may not split evenly), so that
+            # DDP's average of the gradients is the gradient of the whole batch's mean.
+            share = world * len(range(*sl.indices(len(u)))) / len(range(start, min(start + batch, len(u))))
+            parts = self._batch_loss(
+                u[sl], pos[sl], neg[sl], batch_users=u[start : start + batch], share=share
+            )
             self.optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
+            self._average_unsynced_grads()
             self.optimizer.step()
             for k, v in parts.items():
                 totals[k] += float(v.detach())
+        if self.dist.active:  # each process summed its own share's means; report the whole batch's
+            summed = torch.tensor(list(totals.values()), dtype=torch.float64)
+            torch.distributed.all_reduce(summed)
+            totals = dict(zip(totals, (summed / self.dist.world).tolist()))
         return {f"train/{k}": v / len(steps) for k, v in totals.items()}
 
-    def _batch_loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> dict[str, torch.Tensor]:
-        emb = self.model(self.adj)
+    def _average_unsynced_grads(self) -> None:
+        """Average the gradients DDP does not see (trainable quantizer parameters, if any) across processes."""
+        if not self.dist.active:
+            return
+        for p in self._unsynced:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.dist.world
+
+    def _batch_loss(
+        self,
+        u: torch.Tensor,
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+        batch_users: torch.Tensor | None = None,
+        share: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
+        """The loss of the rows (u, pos, neg). Under torchrun this process holds a share of the batch:
+        `batch_users` are the whole batch's users, so that every process quantizes the same users, and `share`
+        (processes × share rows / batch rows) weights the terms that are means over this share's rows."""
+        emb = self.forward_model(self.adj)
         users = {b: e[u] for b, e in emb.users.items()}
         pos_items = {b: e[pos] for b, e in emb.items.items()}
         neg_items = {b: e[neg] for b, e in emb.items.items()}
         bpr = bpr_loss(score(users, pos_items), score(users, neg_items))
-        loss = bpr + self.cfg.reg_weight * l2_penalty(self.model.layer0(), u, pos, neg)
-        parts = {"bpr": bpr.detach()}
+        loss = share * (bpr + self.cfg.reg_weight * l2_penalty(self.model.layer0(), u, pos, neg))
+        parts = {"bpr": share * bpr.detach()}
         if self.vq_active:
             # The tokens must carry the ranking signal themselves: score with quantized user vectors too.
             # Quantize each distinct user of the batch once (a batch repeats active users many times): less
             # work, and the codebook's EMA statistics count users, not interactions. On large graphs only a
             # random subset of them (stage1.vq_users_per_step) is quantized, and the quantized BPR term is the
             # mean over their rows: an unbiased estimate of it at a bounded cost per step.
-            uniq = torch.unique(u)
+            uniq = torch.unique(u if batch_users is None else batch_users)
             cap = self.cfg.vq_users_per_step
             if 0 < cap < len(uniq):
                 pick = torch.randperm(len(uniq), generator=self.torch_rng, device="cpu")[:cap].to(uniq.device)
@@ -176,8 +225,9 @@ class Stage1Trainer:
             pos_q = {b: e[rows] for b, e in pos_items.items()}
             neg_q = {b: e[rows] for b, e in neg_items.items()}
             bpr_q = bpr_loss(score(quantized, pos_q), score(quantized, neg_q))
-            loss = loss + self.cfg.quantized_bpr_weight * bpr_q + self.cfg.vq_loss_weight * vq_loss
-            parts.update(bpr_quantized=bpr_q.detach(), vq=vq_loss.detach())
+            # vq_loss is over the batch's users, the same on every process: not weighted by the share.
+            loss = loss + share * self.cfg.quantized_bpr_weight * bpr_q + self.cfg.vq_loss_weight * vq_loss
+            parts.update(bpr_quantized=share * bpr_q.detach(), vq=vq_loss.detach())
         parts["loss"] = loss  # the caller backpropagates this one; the others are detached for logging
         return parts
 
@@ -244,15 +294,33 @@ def stage1_fingerprint(cfg: Config, content_hash: str) -> str:
 
 
 def run_stage1(cfg: Config, progress: bool = True) -> Path:
-    """Train (or resume) stage 1 for `cfg.run_name`; returns the stage-1 folder."""
+    """Train (or resume) stage 1 for `cfg.run_name`; returns the stage-1 folder.
+
+    Under torchrun, every process trains on its share of each batch (`Stage1Trainer.train_epoch`) and rank 0
+    alone prepares the data, writes checkpoints and outputs, shows progress and tracks the run.
+    """
+    dist = init_distributed(cfg.stage1.device)
+    try:
+        return _run_stage1(cfg, progress and dist.main, dist)
+    finally:
+        shutdown(dist)
+
+
+def _run_stage1(cfg: Config, progress: bool, dist: Dist) -> Path:
     from dppmg.data.prepare import prepare
 
-    ds = load_dataset(prepare(cfg, progress=progress))
+    if dist.main:  # the others wait, then find it up to date
+        prepare(cfg, progress=progress)
+    barrier(dist)
+    ds = load_dataset(prepare(cfg, progress=False))
     fingerprint = stage1_fingerprint(cfg, ds.meta["content_hash"])
-    out = begin_stage(cfg, "stage1", fingerprint, cfg.stage1.overwrite)
-    if out is None:
+    out = begin_stage(cfg, "stage1", fingerprint, cfg.stage1.overwrite) if dist.main else None
+    if not broadcast_flag(dist, out is not None):  # rank 0 found it complete
         return cfg.run_dir / "stage1"
-    trainer = Stage1Trainer(ds, cfg.stage1, cfg.stage1.resolved_seed(cfg.seed))
+    if not dist.main:
+        out = cfg.run_dir / "stage1"
+        seed_everything(cfg.seed)  # as begin_stage seeded rank 0
+    trainer = Stage1Trainer(ds, cfg.stage1, cfg.stage1.resolved_seed(cfg.seed), dist)
     ckpt, best = out / "checkpoint.pt", out / "best.pt"
     if ckpt.is_file():
         sd = torch.load(ckpt, weights_only=False)
@@ -268,9 +336,14 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
         ds.num_users,
         ds.num_items,
     )
+    if not dist.main:
+        _fit(trainer, NoOpTracker(), ckpt, best, fingerprint, progress=False)
+        barrier(dist)  # rank 0 writes the outputs from the same weights
+        return out
     tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="stage1")
     try:
         _fit(trainer, tracker, ckpt, best, fingerprint, progress)
+        barrier(dist)
         metrics = finalize(trainer, best, out, cfg, fingerprint)
         tracker.summary({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         _track_tokens(tracker, out / "tokens", cfg, trainer.state.epoch)
@@ -299,7 +372,7 @@ def _fit(
             # Only epochs with a trained quantizer can be the best: the tokens are the product.
             if st.vq_initialised and recall > st.best_recall:
                 st.best_recall, st.best_epoch, st.bad_epochs = recall, st.epoch, 0
-                with atomic_path(best) as tmp:
+                with _written_by_rank0(trainer.dist, best) as tmp:
                     torch.save(
                         {"model": trainer.model.state_dict(), "quantizer": trainer.quantizer.state_dict()},
                         tmp,
@@ -315,7 +388,7 @@ def _fit(
         )  # fmt: skip
         sd = trainer.state_dict()
         sd["fingerprint"] = fingerprint
-        with atomic_path(ckpt) as tmp:
+        with _written_by_rank0(trainer.dist, ckpt) as tmp:
             torch.save(sd, tmp)
         if st.vq_initialised and st.bad_epochs >= cfg.patience:
             logger.info(
@@ -326,6 +399,17 @@ def _fit(
             )
             break
     bar.close()
+
+
+@contextmanager
+def _written_by_rank0(dist: Dist, path: Path) -> Iterator[Path]:
+    """`atomic_path(path)` on rank 0; elsewhere a scratch file that is thrown away (the weights are the same)."""
+    if dist.main:
+        with atomic_path(path) as tmp:
+            yield tmp
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / path.name
 
 
 def _track_tokens(tracker: Tracker, folder: Path, cfg: Config, step: int) -> None:
