@@ -21,7 +21,7 @@ from dppmg.config import Config, Stage1Config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, write_json
+from dppmg.io import atomic_path, pause_after_checkpoint, write_json
 from dppmg.log import logger
 from dppmg.runs import begin_stage
 from dppmg.tokens import save_token_checkpoint, users_sharing_tuple
@@ -306,6 +306,7 @@ def _fit(trainer: Stage1Trainer, tracker, ckpt: Path, best: Path, fingerprint: s
         sd["fingerprint"] = fingerprint
         with atomic_path(ckpt) as tmp:
             torch.save(sd, tmp)
+        pause_after_checkpoint()
         if st.vq_initialised and st.bad_epochs >= cfg.patience:
             logger.info(
                 "early stop at epoch %d: best valid recall@20 %.4f at epoch %d",
