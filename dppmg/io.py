@@ -107,3 +107,18 @@ def finished_with(
             f"Pass {overwrite_key}=true to replace it, or {rename_key}=<new name> to keep both."
         )
     return False
+
+
+_checkpoints_written = 0
+
+
+def pause_after_checkpoint() -> None:
+    """Test hook, called after every training checkpoint is written: with DPPMG_TEST_PAUSE_AFTER_CHECKPOINT=N, the
+    process sleeps after its N-th checkpoint, so that a test can kill it at a known point (tests/test_resume.py)."""
+    global _checkpoints_written
+    _checkpoints_written += 1
+    n = os.environ.get("DPPMG_TEST_PAUSE_AFTER_CHECKPOINT")
+    if n and _checkpoints_written == int(n):
+        import time
+
+        time.sleep(3600)

@@ -25,7 +25,7 @@ from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.device import resolve_device
 from dppmg.distributed import Dist, barrier, broadcast_flag, init_distributed, shutdown
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, write_json
+from dppmg.io import atomic_path, pause_after_checkpoint, write_json
 from dppmg.log import logger
 from dppmg.runs import begin_stage
 from dppmg.seeding import seed_everything
@@ -390,6 +390,7 @@ def _fit(
         sd["fingerprint"] = fingerprint
         with _written_by_rank0(trainer.dist, ckpt) as tmp:
             torch.save(sd, tmp)
+        pause_after_checkpoint()
         if st.vq_initialised and st.bad_epochs >= cfg.patience:
             logger.info(
                 "early stop at epoch %d: best valid recall@20 %.4f at epoch %d",

@@ -32,7 +32,7 @@ from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, load_config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, write_json, write_text
+from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
 from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
@@ -344,6 +344,7 @@ def _save_state(
     state.optimizers = {m: o.state_dict() for m, o in optimizers.items()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+    pause_after_checkpoint()
 
 
 def _load_state(path: Path, fingerprint: str, policy: Policy) -> Stage2State:
