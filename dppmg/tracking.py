@@ -281,6 +281,8 @@ def build_tracker(cfg: TrackingConfig, run_dir: Path, config: dict[str, Any], jo
             group=run_name,  # the stages of one run side by side in the W&B UI
             job_type=job,
             reinit="finish_previous",  # several jobs in one process (tests, `make all`) each get their own run
+            # Offline, wandb's own console summary repeats what our log says; online it keeps its run URL line.
+            settings=wandb.Settings(silent=mode == "offline", quiet=True),
         )
     except wandb.errors.Error as e:
         raise DppmgError(
