@@ -64,6 +64,10 @@ class FakeWandb:
         (run,) = [r for r in self.runs if r.init["job_type"] == job]
         return run
 
+    @staticmethod
+    def Settings(**kwargs) -> dict:  # noqa: N802 (wandb's name)
+        return kwargs
+
     class Image:
         def __init__(self, data, caption=None):
             self.data, self.caption = data, caption
