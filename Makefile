@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
+.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -38,10 +38,10 @@ $(MODELS_STAMP): $(STAMP)
 models: $(MODELS_STAMP)
 	$(DPPMG) models prepare -q
 
-test: models
+test: models $(VENV)/.sweeps-installed  # the sweep tests need W&B's sweeps engine (installed below)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: models
+test-all: models $(VENV)/.sweeps-installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -113,3 +113,17 @@ browser:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# W&B's sweep engine, run locally as the offline controller. It declares numpy<2 (which would downgrade numpy
+# under pandas 3); its own imports need only jsonschema and jsonref besides what is installed.
+SWEEPS_STAMP := $(VENV)/.sweeps-installed
+$(SWEEPS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps "sweeps==0.3.0"
+	$(PY) -m pip install --quiet jsonschema jsonref
+	@touch $(SWEEPS_STAMP)
+
+SWEEP ?= configs/sweeps/stage1.yaml
+COUNT ?= 8
+# Offline unless tracking is online (ARGS="tracking.mode=online" or --online); a rerun continues a stopped sweep.
+sweep: $(SWEEPS_STAMP) $(NEEDS_MODELS)
+	$(DPPMG) sweep $(SWEEP) --count $(COUNT) $(CONFIG) $(ARGS)

@@ -163,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     te.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     te.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sw = groups.add_parser(
+        "sweep",
+        help="run a W&B sweep spec (configs/sweeps/*.yaml): offline with W&B's sweeps engine, or online",
+        description="Offline (default): propose each trial with W&B's `sweeps` engine, run the spec's command, "
+        "write runs/sweeps/<name>/leaderboard.{csv,md}; a rerun continues an interrupted sweep. "
+        "Online (--online, or tracking.mode=online): create the sweep on W&B and run `wandb agent`.",
+    )
+    sw.add_argument("spec", help="sweep spec YAML (W&B sweep format)")
+    sw.add_argument("--count", required=True, help="number of trials")
+    sw.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value", help="config file and overrides")
+    sw.add_argument("--online", action="store_true", help="create the sweep on the W&B server, run an agent")
+    sw.add_argument("--stage1-run", help="stage-2 sweeps: the finished stage-1 run every trial uses")
+    sw.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sw.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     gp = groups.add_parser(
         "generate",
         help="text + image for users and targets with a finished run's tokens",
@@ -190,6 +204,26 @@ def _run_generate(ns: argparse.Namespace, overrides: list[str]) -> int:
     )  # fmt: skip
     for r in rows:
         print(f"{r['user_id']} | {r['target']} | {r['image']}\n  {r['text']}")
+    return 0
+
+
+def _run_sweep(ns: argparse.Namespace, extra: list[str]) -> int:
+    from dppmg.sweep import run_sweep
+
+    if not str(ns.count).isdigit() or int(ns.count) < 1:
+        raise DppmgError(f"--count must be a positive integer, got {ns.count!r}")
+    path, overrides = _config_args([*ns.args, *extra])
+    cfg = load_config(Path(path) if path else None, overrides)  # a bad config fails before any trial
+    online = ns.online or cfg.tracking.mode == "online"
+    run_sweep(
+        ns.spec,
+        int(ns.count),
+        path,
+        overrides,
+        online=online,
+        stage1_run=ns.stage1_run,
+        default_stage1_run=cfg.run_name,
+    )
     return 0
 
 
@@ -254,6 +288,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
         except DppmgError as e:
             print(f"dppmg: error: {e}", file=sys.stderr)
             return 2
+    if ns.group == "sweep":
+        try:
+            return _run_sweep(ns, extra)
+        except DppmgError as e:
+            print(f"dppmg: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dppmg: sweep interrupted; rerun the same command to continue", file=sys.stderr)
+            return 130
     ns.args = [*ns.args, *extra]
     func, _ = COMMANDS[(ns.group, getattr(ns, "name", None))]
     try:
