@@ -32,6 +32,15 @@ def _config_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
+def _sweep_run_name(overrides: list[str]) -> list[str]:
+    """A trial that a W&B agent started (online sweeps) gets its own run folder, sweep-<sweep id>-<run id>,
+    unless the command names one: the agent appends only the sweep's parameters."""
+    sweep, run = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    if not sweep or not run or any(o.split("=", 1)[0] == "run_name" for o in overrides):
+        return overrides
+    return [*overrides, f"run_name=sweep-{sweep}-{run}"]
+
+
 def cmd_data_prepare(cfg: Config, ns: argparse.Namespace) -> None:
     from dppmg.data.prepare import prepare
 
@@ -301,6 +310,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     func, _ = COMMANDS[(ns.group, getattr(ns, "name", None))]
     try:
         path, overrides = _config_args(ns.args)
+        overrides = _sweep_run_name(overrides)
         cfg = load_config(Path(path) if path else None, overrides)
         func(cfg, ns)
     except DppmgError as e:

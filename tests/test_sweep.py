@@ -149,3 +149,13 @@ def test_offline_stage1_sweep_end_to_end(tmp_path):
         metrics = json.loads((tmp_path / "runs" / row["run_name"] / "stage1" / "metrics.json").read_text())
         assert float(row["recall@20"]) == pytest.approx(metrics["recall@20"])
     assert "trial 1" in r.stdout
+
+
+def test_an_online_agents_trials_get_their_own_run_folders(monkeypatch):
+    from dppmg.cli import _sweep_run_name
+
+    assert _sweep_run_name(["stage1.lr=0.01"]) == ["stage1.lr=0.01"]  # not under an agent
+    monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
+    monkeypatch.setenv("WANDB_RUN_ID", "r7")
+    assert _sweep_run_name(["stage1.lr=0.01"]) == ["stage1.lr=0.01", "run_name=sweep-abc123-r7"]
+    assert _sweep_run_name(["run_name=mine"]) == ["run_name=mine"]
