@@ -80,17 +80,22 @@ def no_partial_files(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Uninterrupted stage 1 and stage 2 (two RL iterations, so that there is a middle to kill in)."""
+def straight1(tmp_path_factory):
+    """An uninterrupted stage 1."""
     tmp = tmp_path_factory.mktemp("resume")
     run(command(tmp, "stage1", "straight"))
-    run(command(tmp, "stage2", "straight", "stage2.rl.iterations=2"))
     return tmp
 
 
-@pytest.mark.slow  # about 45 s, plus the uninterrupted runs (about 150 s, shared)
-def test_stage1_killed_mid_run_resumes_to_the_same_result(straight):
-    tmp = straight
+@pytest.fixture(scope="module")
+def straight(straight1):
+    """And an uninterrupted stage 2 (two RL iterations, so that there is a middle to kill in)."""
+    run(command(straight1, "stage2", "straight", "stage2.rl.iterations=2"))
+    return straight1
+
+
+def test_stage1_killed_mid_run_resumes_to_the_same_result(straight1):  # about 45 s with its fixture, idle
+    tmp = straight1
     cmd = command(tmp, "stage1", "killed")
     out = tmp / "runs" / "killed" / "stage1"
     kill_after_checkpoint(cmd, 3, out / "checkpoint.pt", out / "metrics.json")
