@@ -291,19 +291,15 @@ def _main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(ns, "verbose", False))
     if ns.group == "tokens":
         return _run_tokens(ns)
-    if ns.group == "generate":
+    if ns.group in ("generate", "sweep"):
         try:
-            return _run_generate(ns, extra)
-        except DppmgError as e:
-            print(f"dppmg: error: {e}", file=sys.stderr)
-            return 2
-    if ns.group == "sweep":
-        try:
-            return _run_sweep(ns, extra)
+            return (_run_generate if ns.group == "generate" else _run_sweep)(ns, extra)
         except DppmgError as e:
             print(f"dppmg: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
+            if ns.group != "sweep":
+                raise
             print("dppmg: sweep interrupted; rerun the same command to continue", file=sys.stderr)
             return 130
     ns.args = [*ns.args, *extra]

@@ -18,6 +18,7 @@ lines stock diffusers needs for it (`vae=None`, `vae_scale_factor = 1`, `output_
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,16 +211,21 @@ def _need(c: Tuned, modality: str) -> Any:
     return injected
 
 
-def _write_textual_inversion(stage: Path, c: Tuned, with_base: bool) -> None:
-    injected = _need(c, "image")
-    inner = stage / "tokens"  # export_image_tokens writes a folder atomically; its files are moved up
-    export_image_tokens(injected, inner)
-    base = image_base(c)
-    pipe = c.policy.gen.pipe
-    readme = (inner / README_FILE).read_text(encoding="utf-8")
+def _into(stage: Path, write: Callable[[Path], Any]) -> None:
+    """Run an injection.export_* writer (it builds its own folder atomically) and move its files into `stage`."""
+    inner = stage / "tokens"
+    write(inner)
     for f in inner.iterdir():
         f.rename(stage / f.name)
     inner.rmdir()
+
+
+def _write_textual_inversion(stage: Path, c: Tuned, with_base: bool) -> None:
+    injected = _need(c, "image")
+    _into(stage, lambda inner: export_image_tokens(injected, inner))
+    base = image_base(c)
+    pipe = c.policy.gen.pipe
+    readme = (stage / README_FILE).read_text(encoding="utf-8")
     if with_base:
         shutil.copytree(base, stage / BASE_DIR)
         base = f"<this folder>/{BASE_DIR}"
@@ -234,12 +240,8 @@ def _write_textual_inversion(stage: Path, c: Tuned, with_base: bool) -> None:
 
 def _write_hf(stage: Path, c: Tuned, with_base: bool) -> None:
     injected = _need(c, "text")
-    inner = stage / "tokens"
     # The tokenizer as stage 2 used it (the tokens already added), saved with save_pretrained.
-    export_text_tokens(injected, c.policy.gen.lm_tokenizer, inner)
-    for f in inner.iterdir():
-        f.rename(stage / f.name)
-    inner.rmdir()
+    _into(stage, lambda inner: export_text_tokens(injected, c.policy.gen.lm_tokenizer, inner))
     base = text_base(c)
     readme = (stage / README_FILE).read_text(encoding="utf-8").replace("<base model>", base)
     if with_base:
