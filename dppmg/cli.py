@@ -232,6 +232,7 @@ def _run_sweep(ns: argparse.Namespace, extra: list[str]) -> int:
         online=online,
         stage1_run=ns.stage1_run,
         default_stage1_run=cfg.run_name,
+        runs_dir=Path(cfg.runs_dir),
     )
     return 0
 

@@ -400,6 +400,9 @@ class Stage2Config:
     rl: RLConfig = field(default_factory=RLConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     overwrite: bool = False  # replace a finished stage-2 result of another config
+    # The run whose finished stage 1 this run's stage 2 uses (runs/<stage1_run>/stage1 is linked into this run's
+    # folder); unset: this run's own. Stage-2 sweeps set it, so that every trial shares one stage 1.
+    stage1_run: str | None = None
 
 
 EVAL_METHODS = (

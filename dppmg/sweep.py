@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import subprocess
 import sys
 import time
@@ -251,17 +250,12 @@ def write_leaderboard(state: SweepState, out_dir: Path) -> str:
     return text
 
 
-def subprocess_runner(spec: dict, config: str | None, overrides: list[str], runs_dir: Path = Path("runs"),
-                      stage1_run: str | None = None) -> TrialRunner:  # fmt: skip
+def subprocess_runner(
+    spec: dict, config: str | None, overrides: list[str], runs_dir: Path = Path("runs")
+) -> TrialRunner:
     """Run a trial's command; its metric comes from runs/<trial>/<stage>/metrics.json."""
 
     def run(trial: Trial) -> float | None:
-        if stage1_run is not None:
-            # Stage-2 trials share one stage 1: the trial's run folder points at its tokens.
-            link = runs_dir / trial.run_name / "stage1"
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                os.symlink((runs_dir / stage1_run / "stage1").resolve(), link)
         cmd = build_command(spec, config, trial.run_name, overrides, trial.params)
         rc = subprocess.run(cmd).returncode
         if rc != 0:
@@ -291,19 +285,27 @@ def run_sweep(
     online: bool = False,
     stage1_run: str | None = None,
     default_stage1_run: str | None = None,
+    runs_dir: Path = Path("runs"),
 ) -> SweepState | None:
     """Validate the spec, then run it online (W&B agent) or offline (local controller, leaderboard, resume)."""
     spec = load_spec(spec_path)
     name = str(spec.get("name") or Path(spec_path).stem)
     if not isinstance(count, int) or count < 1:
         raise DppmgError(f"sweep count must be a positive integer, got {count!r}")
+    if metrics_file(spec).startswith("stage2"):
+        # Every trial's stage 2 uses one finished stage 1 (default: the config's run_name), online and offline.
+        shared = stage1_run or default_stage1_run
+        if not (runs_dir / str(shared) / "stage1" / "tokens" / "manifest.json").is_file():
+            raise DppmgError(
+                f"a stage-2 sweep needs one finished stage 1 for all its trials, and {runs_dir / str(shared)}/stage1 has no "
+                f"tokens: run `dppmg stage1 CONFIG run_name={shared}` first, or name another run with --stage1-run"
+            )
+        overrides = [*overrides, f"stage2.stage1_run={shared}"]
     if online:
         run_online(spec, name, count, config, overrides)
         return None
     out_dir = SWEEPS_ROOT / name
-    if stage1_run is None and metrics_file(spec).startswith("stage2"):
-        stage1_run = default_stage1_run  # the config's run_name: its finished stage 1 serves every trial
-    runner = subprocess_runner(spec, config, overrides, stage1_run=stage1_run)
+    runner = subprocess_runner(spec, config, overrides, runs_dir)
     state = run_offline(spec, name, count, runner, out_dir)
     print((out_dir / "leaderboard.md").read_text(encoding="utf-8"), end="")
     return state

@@ -90,12 +90,37 @@ class Stage2State:
 def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) -> str:
     s2 = to_dict(cfg.stage2)
     s2.pop("overwrite", None)
+    s2.pop("stage1_run", None)  # which folder the tokens come from; their digest is what counts
     s2["generators"].pop("device", None)
     digest = ckpt.digest()
     blob = json.dumps(
         {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def link_stage1(cfg: Config) -> None:
+    """With `stage2.stage1_run` set, make runs/<run_name>/stage1 a link to that run's finished stage 1, so that
+    stage 2, eval and `dppmg tokens export` find the tokens where they always look."""
+    other = cfg.stage2.stage1_run
+    if other is None or other == cfg.run_name:
+        return
+    source = (cfg.run_dir.parent / other / "stage1").resolve()
+    if not (source / "tokens" / "manifest.json").is_file():
+        raise DppmgError(
+            f"stage2.stage1_run={other}: {source} has no finished stage 1 (no tokens/manifest.json); run "
+            f"`dppmg stage1 CONFIG run_name={other}` first"
+        )
+    link = cfg.run_dir / "stage1"
+    if link.is_symlink() and link.resolve() == source:
+        return
+    if link.exists() or link.is_symlink():
+        raise DppmgError(
+            f"stage2.stage1_run={other}, but {link} already exists and is not a link to {source}: use another "
+            f"run_name, or unset stage2.stage1_run to use this run's own stage 1"
+        )
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path("..") / other / "stage1", target_is_directory=True)  # relative: runs/ may move
 
 
 def tokens_folder(cfg: Config) -> Path:
@@ -241,6 +266,7 @@ def oracle_metrics(judges: Judges, pairs: list[Pair], side, cfg: Config) -> dict
 
 def run_stage2(cfg: Config, progress: bool = True) -> Path:
     """Run (or resume) stage 2 for `cfg.run_name`; returns the stage-2 folder."""
+    link_stage1(cfg)
     tokens_dir = tokens_folder(cfg)
     from dppmg.data.prepare import prepare
 

@@ -318,6 +318,29 @@ def test_stage2_without_stage1_names_the_missing_step(world):
         run_stage2(cfg, progress=False)
 
 
+def test_stage1_run_links_another_runs_finished_stage1(world):
+    """stage2.stage1_run (what stage-2 sweeps pass every trial): the run's stage1 folder becomes a relative link."""
+    tmp, cfg = world
+    trial = cfg_for(tmp, "run_name=trial-1", f"stage2.stage1_run={cfg.run_name}")
+    pipeline_mod.link_stage1(trial)
+    link = trial.run_dir / "stage1"
+    assert link.is_symlink() and not Path(link.readlink()).is_absolute()
+    assert link.resolve() == (cfg.run_dir / "stage1").resolve()
+    assert pipeline_mod.tokens_folder(trial) == link / "tokens"
+    pipeline_mod.link_stage1(trial)  # a rerun finds its link
+    # where the tokens come from is not part of stage 2's identity: their digest is
+    ckpt = TokenCheckpoint.load(link / "tokens")
+    assert pipeline_mod.stage2_fingerprint(trial, "h", ckpt) == pipeline_mod.stage2_fingerprint(
+        cfg_for(tmp, "run_name=trial-1"), "h", ckpt
+    )
+    with pytest.raises(DppmgError, match="no finished stage 1"):
+        pipeline_mod.link_stage1(cfg_for(tmp, "run_name=trial-2", "stage2.stage1_run=nobody"))
+    own = cfg_for(tmp, "run_name=has-own", f"stage2.stage1_run={cfg.run_name}")
+    (own.run_dir / "stage1").mkdir(parents=True)
+    with pytest.raises(DppmgError, match="already exists and is not a link"):
+        pipeline_mod.link_stage1(own)
+
+
 def test_generate_command_writes_text_and_png(finished, capsys, tmp_path):
     cfg, out = finished
     user = (

@@ -151,6 +151,52 @@ def test_offline_stage1_sweep_end_to_end(tmp_path):
     assert "trial 1" in r.stdout
 
 
+@pytest.mark.slow  # stage 1 once, then two stage-2 trials on the debug world: about 3 minutes on 2 cores
+def test_offline_stage2_sweep_end_to_end_shares_one_stage1(tmp_path):
+    spec = load_spec(ROOT / "configs" / "sweeps" / "stage2.yaml")
+    spec.update(name="e2e2", method="random")
+    path = _write(tmp_path, spec)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "cache").symlink_to((ROOT / "data" / "cache").resolve())  # the shared model files
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    common = ["configs/debug.yaml", "-q", "tracking.mode=disabled"]
+    dppmg = [sys.executable, "-m", "dppmg"]
+    run = lambda *a: subprocess.run([*dppmg, *a], cwd=tmp_path, env=env, capture_output=True, text=True)  # noqa: E731
+    assert run("stage1", *common).returncode == 0
+    r = run("sweep", str(path), "--count", "2", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "runs" / "sweeps" / "e2e2" / "leaderboard.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    shared = (tmp_path / "runs" / "debug" / "stage1").resolve()
+    for row in rows:
+        trial = tmp_path / "runs" / row["run_name"]
+        assert (trial / "stage1").resolve() == shared  # no trial trained its own stage 1
+        metrics = json.loads((trial / "stage2" / "metrics.json").read_text())
+        metric = spec["metric"]["name"].split(".")
+        assert float(row[spec["metric"]["name"]]) == pytest.approx(metrics[metric[0]][metric[1]][metric[2]])
+
+
+def test_a_stage2_sweep_needs_a_finished_stage1_and_passes_it_to_every_trial(tmp_path, monkeypatch):
+    from dppmg import sweep as sweep_mod
+
+    spec = _spec("grid", **{"stage2.rl.lr_text": {"values": [0.001]}})
+    spec["command"] = [c.replace("stage1", "stage2") for c in COMMAND]
+    spec["metric"]["name"] = "heldout.rl.personalization_image"
+    path = _write(tmp_path, spec)
+    with pytest.raises(DppmgError, match="needs one finished stage 1.*run_name=base"):
+        sweep_mod.run_sweep(path, 1, None, [], default_stage1_run="base", runs_dir=tmp_path / "runs")
+    (tmp_path / "runs" / "base" / "stage1" / "tokens").mkdir(parents=True)
+    (tmp_path / "runs" / "base" / "stage1" / "tokens" / "manifest.json").write_text("{}")
+    seen = {}
+    monkeypatch.setattr(
+        sweep_mod, "run_online", lambda spec, name, count, config, overrides: seen.update(o=overrides)
+    )
+    sweep_mod.run_sweep(path, 1, None, ["seed=3"], online=True, stage1_run="base", runs_dir=tmp_path / "runs")
+    assert seen["o"] == ["seed=3", "stage2.stage1_run=base"]  # online trials get it in their command too
+
+
 def test_an_online_agents_trials_get_their_own_run_folders(monkeypatch):
     from dppmg.cli import _sweep_run_name
 
