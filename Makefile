@@ -68,8 +68,13 @@ else
 endif
 
 # Needs stage 1's tokens for the same run_name; warm-starts the generators on first use (cached per dataset).
+# NPROC=2 (or more) splits the held-out pairs, grounding batches and RL pairs over that many processes (torchrun).
 stage2: $(STAMP) $(NEEDS_MODELS)
+ifeq ($(NPROC),1)
 	$(DPPMG) stage2 $(CONFIG) $(ARGS)
+else
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m dppmg stage2 $(CONFIG) $(ARGS)
+endif
 
 # After the two stages: every method of eval.methods on the same held-out pairs; writes runs/<run>/eval/.
 eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed

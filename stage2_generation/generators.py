@@ -55,9 +55,14 @@ from transformers import (
     CLIPTextModel,
     GPT2Config,
     GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from dppmg.config import GeneratorConfig
@@ -74,6 +79,7 @@ MANIFEST_FILE = "generators.json"
 FORMAT_VERSION = 1
 MAX_NORM_GROUPS = 32  # GroupNorm groups in the UNet (diffusers' default), fewer when the channels need it
 TINY = "tiny"
+TEXT_STREAM = 1  # sample_seed's key for texts, so that text i and image i draw from unrelated streams
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -491,19 +497,24 @@ def generate_texts(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
+    top_k: int = 50,
 ) -> list[str]:
     """The continuation of each prompt (without the prompt), decoded without special tokens.
 
-    Batched with left padding. temperature <= 0 decodes greedily. The same seed and batch size give the same
-    texts. Raises DppmgError when a prompt plus `max_new_tokens` exceeds the model's positions.
+    Batched with left padding. temperature <= 0 decodes greedily; otherwise text i is sampled by its own generator,
+    seeded by (seed, indices[i]) (`RowSampler`), so it does not depend on the batch size or on the other prompts,
+    and a shard of a list (`indices`: its rows' positions in the whole list, default 0..N-1) gets the texts the
+    whole list would. top_k 50 is transformers' default, which sampling used before it was explicit. Raises
+    DppmgError when a prompt plus `max_new_tokens` exceeds the model's positions.
     """
     prompts = list(prompts)
+    indices = range(len(prompts)) if indices is None else indices
     positions = getattr(lm.config, "max_position_embeddings", None)
     device = next(lm.parameters()).device
-    sampling = {"temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     texts: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    with _eval_mode(lm), _seeded(seed, device):
+    with _eval_mode(lm):
         for start in tqdm(starts, desc="texts", disable=not progress or len(starts) <= 1):
             chunk = prompts[start : start + batch_size]
             batch = tokenizer(chunk, padding=True, padding_side="left", return_tensors="pt").to(device)
@@ -514,16 +525,47 @@ def generate_texts(
                     f"prompt {longest!r} is {length} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                     f"the text generator's {positions} positions"
                 )
+            sampler = []
+            if temperature > 0:
+                seeds = [sample_seed(seed, i, TEXT_STREAM) for i in indices[start : start + batch_size]]
+                sampler = [RowSampler(seeds, temperature, top_k, top_p, device)]
             out = lm.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
+                do_sample=False,  # greedy over RowSampler's scores, which keep the token it drew
+                logits_processor=LogitsProcessorList(sampler),
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
-                **sampling,
             )
             texts += [t.strip() for t in tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)]
     return texts
+
+
+class RowSampler(LogitsProcessor):
+    """Draws each row's next token from the row's own generator, for `generate`'s greedy search to take.
+
+    transformers samples a batch from torch's one global random stream, so a prompt's text depends on which
+    prompts share its batch and in what order; split across processes, a list would then get other texts than on
+    one process. Here row b is warped (temperature, top-k, top-p: transformers' own warpers) and sampled with a
+    generator seeded by `seeds[b]`, and the returned scores are 0 at the drawn token and -inf elsewhere.
+    """
+
+    def __init__(
+        self, seeds: Sequence[int], temperature: float, top_k: int, top_p: float, device: torch.device
+    ):
+        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        warpers: list[LogitsProcessor] = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        if top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)  # [B, V]
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        drawn = torch.full_like(scores, float("-inf"))
+        return drawn.scatter_(1, picks[:, None], 0.0)
 
 
 @torch.inference_mode()
@@ -535,13 +577,16 @@ def generate_images(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] images for the prompts (DDIM with classifier-free guidance when guidance > 1).
 
-    Image i starts from noise seeded by (seed, i), so it does not depend on the batch size or on the other
-    prompts, and the pipeline's scheduler with eta = 0 makes the rest deterministic.
+    Image i starts from noise seeded by (seed, indices[i]) (default indices 0..N-1), so it does not depend on the
+    batch size or on the other prompts, and the pipeline's scheduler with eta = 0 makes the rest deterministic. A
+    shard of a list passes its rows' positions in the whole list as `indices`.
     """
     prompts = list(prompts)
+    indices = range(len(prompts)) if indices is None else indices
     height, width = image_shape(pipe)
     if not prompts:
         return np.zeros((0, height, width, 3), dtype=np.uint8)
@@ -550,7 +595,9 @@ def generate_images(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="images", disable=not progress or len(starts) <= 1):
         chunk = prompts[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(_image_seed(seed, start + j)) for j in range(len(chunk))]
+        generators = [
+            torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices[start : start + batch_size]
+        ]
         out = pipe(
             prompt=chunk,
             height=height,
@@ -569,8 +616,9 @@ def generate_images(
     return (np.concatenate(images).clip(0, 1) * 255).round().astype(np.uint8)
 
 
-def _image_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+def sample_seed(seed: int, index: int, *stream: int) -> int:
+    """The seed of sample `index` of a call seeded by `seed` (images: (seed, i); texts: (seed, i, TEXT_STREAM))."""
+    return int(np.random.SeedSequence([seed, index, *stream]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from dppmg.config import GroundingConfig
 from dppmg.data.format import ProcessedDataset
+from dppmg.distributed import SINGLE, Dist, share, sum_across
 from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.generators import image_shape
@@ -76,8 +77,9 @@ def typical_pairs(pairs: Sequence[Pair], item_emb: torch.Tensor, share: float) -
 
 def text_loss(
     policy: Policy, pairs: Sequence[Pair], texts: Sequence[str], max_target_tokens: int | None = None
-) -> torch.Tensor:
-    """Mean LM loss of each pair's item text (its first `max_target_tokens` tokens) given its personalized prompt."""
+) -> tuple[torch.Tensor, int]:
+    """(mean LM loss, target tokens): the loss of each pair's item text (its first `max_target_tokens` tokens) given
+    its personalized prompt, averaged over the batch's target tokens, and how many there are."""
     lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
     examples = list(zip(policy.text_prompts(pairs), texts))
     batch = text_batch(
@@ -89,21 +91,34 @@ def text_loss(
     )
     device = next(lm.parameters()).device
     out = lm(**{k: v.to(device) for k, v in batch.items()})
-    if not (batch["labels"] != IGNORE_INDEX).any():
+    # Each label predicts from the position before it, so the first position's label never counts.
+    tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if tokens == 0:
         raise DppmgError("grounding: no target tokens in the batch (empty item texts?)")
-    return out.loss
+    return out.loss, tokens
 
 
 def image_loss(
-    policy: Policy, pairs: Sequence[Pair], pixels: torch.Tensor, generator: torch.Generator
+    policy: Policy,
+    pairs: Sequence[Pair],
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """The diffusion loss of each pair's item image [B, 3, H, W] in [-1, 1] given its personalized prompt."""
-    return diffusion_loss(policy.gen.pipe, policy.image_prompts(pairs), pixels, generator)
+    """The diffusion loss of each pair's item image [B, 3, H, W] in [-1, 1] given its personalized prompt.
+
+    `rows`: the loss of those rows of the batch `pixels` only, `pairs` being theirs (`states_diffusion_loss`).
+    """
+    return diffusion_loss(policy.gen.pipe, policy.image_prompts(pairs), pixels, generator, rows)
+
+
+# A grounding loss: (the loss of this process's rows of a batch, how many units it averages over: rows or tokens).
+LossFn = Callable[[np.ndarray, np.ndarray, torch.Generator], tuple[torch.Tensor, float]]
 
 
 def fit(
     name: str,
-    loss_fn: Callable[[np.ndarray, torch.Generator], torch.Tensor],
+    loss_fn: LossFn,
     params: list[torch.nn.Parameter],
     num_examples: int,
     cfg: GroundingConfig,
@@ -111,11 +126,15 @@ def fit(
     batch_size: int,
     seed: int,
     progress: bool,
+    dist: Dist = SINGLE,
 ) -> dict[str, float]:
-    """Run `steps` AdamW steps of `loss_fn(batch indices, generator)` on `params`, `batch_size` examples each;
-    returns loss statistics.
+    """Run `steps` AdamW steps of `loss_fn(batch indices, this process's positions in them, generator)` on
+    `params`, `batch_size` examples each; returns loss statistics.
 
-    A non-finite loss or gradient skips its step (counted in "skipped") instead of corrupting the parameters.
+    Every process draws the same batch; with many, each computes the loss of its strided share of the batch
+    (`Dist.shard`), weighted by its share of the batch's units, and `guarded_step` sums the gradients, so the step
+    is the whole batch's on every process. A non-finite loss or gradient skips its step (counted in "skipped")
+    instead of corrupting the parameters.
     """
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # weight decay would shrink the rows
     rng = torch.Generator().manual_seed(seed)
@@ -125,9 +144,12 @@ def fit(
     bar = tqdm(range(steps), desc=f"grounding {name}", disable=not progress)
     for _ in bar:
         picks = torch.randint(num_examples, (min(batch_size, num_examples),), generator=rng).numpy()
-        loss = loss_fn(picks, rng)
-        value = float(loss.detach())
-        if not guarded_step(loss, params, optimizer, cfg.max_grad_norm):
+        mine = np.asarray(dist.shard(len(picks)))
+        loss, units = loss_fn(picks, mine, rng)
+        [total] = sum_across(dist, [units])
+        loss = share(dist, loss, units, total)
+        [value] = sum_across(dist, [float(loss.detach())])
+        if not guarded_step(loss, params, optimizer, cfg.max_grad_norm, dist):
             skipped += 1
             continue
         losses.append(value)
@@ -156,8 +178,11 @@ def ground(
     images: np.ndarray | None = None,
     item_text_emb: torch.Tensor | None = None,
     item_image_emb: torch.Tensor | None = None,
+    dist: Dist = SINGLE,
 ) -> dict[str, dict[str, float]]:
     """Ground the text tokens and then the image tokens on `pairs` (training interactions).
+
+    On many processes (`dist`), each computes its share of every batch and the steps are the whole batch's (`fit`).
 
     Args:
         images: uint8 [I, H, W, 3] item images at the pipeline's size (read from the dataset when None).
@@ -175,15 +200,17 @@ def ground(
         usable = _typical(usable, item_text_emb, cfg.typical_share, "text")
         if usable:
 
-            def text_fn(picks: np.ndarray, _: torch.Generator) -> torch.Tensor:
-                chosen = [usable[i] for i in picks]
+            def text_fn(
+                picks: np.ndarray, mine: np.ndarray, _: torch.Generator
+            ) -> tuple[torch.Tensor, float]:
+                chosen = [usable[i] for i in picks[mine]]
                 return text_loss(
                     policy, chosen, [texts.iat[p.item] for p in chosen], cfg.text_max_tokens or None
                 )
 
             report["text"] = fit(
                 "text", text_fn, policy.parameters("text"), len(usable), cfg, cfg.text_steps,
-                cfg.text_batch_size or cfg.batch_size, seed, progress,
+                cfg.text_batch_size or cfg.batch_size, seed, progress, dist,
             )  # fmt: skip
             report["text"]["interactions"] = len(usable)
             logger.info("grounding text: loss %.3f → %.3f in %.0f s", *_line(report["text"]))
@@ -200,9 +227,11 @@ def ground(
             images = full
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # [I, 3, H, W]
 
-        def image_fn(picks: np.ndarray, rng: torch.Generator) -> torch.Tensor:
-            chosen = [usable[i] for i in picks]
-            return image_loss(policy, chosen, pixels[[p.item for p in chosen]], rng)
+        def image_fn(picks: np.ndarray, mine: np.ndarray, rng: torch.Generator) -> tuple[torch.Tensor, float]:
+            batch = [usable[i] for i in picks]
+            rows = None if not dist.active else mine.tolist()  # one process: the whole batch, as before
+            chosen = batch if rows is None else [batch[r] for r in rows]
+            return image_loss(policy, chosen, pixels[[p.item for p in batch]], rng, rows), len(chosen)
 
         report["image"] = fit(
             "image",
@@ -214,6 +243,7 @@ def ground(
             cfg.batch_size,
             seed + 1,
             progress,
+            dist,
         )
         report["image"]["interactions"] = len(usable)
         logger.info("grounding image: loss %.4f → %.4f in %.0f s", *_line(report["image"]))

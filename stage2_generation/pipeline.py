@@ -10,6 +10,10 @@ Held-out users (`stage2.generation.heldout_users`, drawn once per seed) are neve
 their (user, test item) pairs are what every `heldout.*` entry measures, with the same pairs, seeds and noise
 for the three conditions, so their differences are paired comparisons.
 
+Many processes (torchrun or `accelerate launch`, `dppmg.distributed`): every process holds the whole generators
+and token state; the held-out generations, grounding's batches and RL's pairs are split across them, and rank 0
+alone writes outputs and checkpoints and tracks the run (README, "Many processes and machines").
+
 A checkpoint (stage2/checkpoint.pt) is written after every phase and RL iteration; an interrupted run resumes
 from it. A finished run is not repeated, and a finished run of another config is only replaced with
 `stage2.overwrite=true`.
@@ -31,13 +35,26 @@ from PIL import Image
 from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, load_config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
+from dppmg.distributed import (
+    SINGLE,
+    Dist,
+    barrier,
+    broadcast_flag,
+    check_replicas,
+    gather,
+    gather_rows,
+    init_distributed,
+    main_first,
+    shutdown,
+)
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
 from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
+from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
-from dppmg.tracking import Tracker, build_tracker, flatten_metrics
+from dppmg.tracking import NoOpTracker, Tracker, build_tracker, flatten_metrics
 from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
 from stage2_generation.evaluation.methods import OracleMethod, generate_with_tokens
@@ -217,12 +234,26 @@ def generate_pairs(
     personalized: bool,
     progress: bool = True,
     seed: int | None = None,
+    dist: Dist = SINGLE,
 ) -> tuple[list[str], np.ndarray, float, float, int]:
-    """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by `seed` (cfg.seed)."""
+    """(texts, images, text seconds, image seconds, generated tokens) for the pairs, seeded by `seed` (cfg.seed).
+
+    On many processes each generates its strided share of the pairs (pair k seeded by (seed, k) wherever it is
+    generated, so the outputs are one process's) and every process gets all of them back; the seconds are the
+    slowest process's.
+    """
     seed = cfg.seed if seed is None else seed
-    return generate_with_tokens(
-        policy, pairs, cfg.stage2.generation, seed, personalized, personalized, progress
-    )
+    mine = dist.shard(len(pairs))
+    texts, images, ts, is_, tokens = generate_with_tokens(
+        policy, [pairs[k] for k in mine], cfg.stage2.generation, seed, personalized, personalized, progress,
+        indices=mine,
+    )  # fmt: skip
+    if not dist.active:
+        return texts, images, ts, is_, tokens
+    texts = gather_rows(dist, mine, texts, len(pairs))
+    images = np.stack(gather_rows(dist, mine, list(images), len(pairs)))
+    parts = gather(dist, (ts, is_, tokens))
+    return texts, images, max(p[0] for p in parts), max(p[1] for p in parts), sum(p[2] for p in parts)
 
 
 def evaluate_condition(
@@ -232,9 +263,10 @@ def evaluate_condition(
     cfg: Config,
     personalized: bool,
     progress: bool = True,
+    dist: Dist = SINGLE,
 ) -> Generated:
     """Generate for the pairs and score them with the evaluation package's metric list, plus the RL reward."""
-    texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized, progress)
+    texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized, progress, dist=dist)
     return _scored(judges, pairs, texts, images, cfg, ts, is_, tokens)
 
 
@@ -265,71 +297,122 @@ def oracle_metrics(judges: Judges, pairs: list[Pair], side, cfg: Config) -> dict
 
 
 def run_stage2(cfg: Config, progress: bool = True) -> Path:
-    """Run (or resume) stage 2 for `cfg.run_name`; returns the stage-2 folder."""
-    link_stage1(cfg)
+    """Run (or resume) stage 2 for `cfg.run_name`; returns the stage-2 folder.
+
+    Under torchrun or `accelerate launch`, every process works on its share of the pairs (`generate_pairs`,
+    `ground`, `rl_iteration`) and rank 0 alone prepares the data, warm-starts the generators first, writes
+    checkpoints and outputs, shows progress and tracks the run.
+    """
+    dist = init_distributed(cfg.stage2.generators.device)
+    try:
+        return _run_stage2(cfg, progress and dist.main, dist)
+    finally:
+        shutdown(dist)
+
+
+def _run_stage2(cfg: Config, progress: bool, dist: Dist) -> Path:
+    with main_first(dist):  # the others find the link rank 0 made
+        link_stage1(cfg)
     tokens_dir = tokens_folder(cfg)
     from dppmg.data.prepare import prepare
 
-    dataset = prepare(cfg, progress=progress)
+    check_world(cfg, dist.world)
+    with main_first(dist):  # the others find the dataset up to date
+        dataset = prepare(cfg, progress=progress)
     content_hash = str(load_dataset(dataset, features=False).meta["content_hash"])
     ckpt = TokenCheckpoint.load(tokens_dir)
     fingerprint = stage2_fingerprint(cfg, content_hash, ckpt)
-    out = begin_stage(cfg, "stage2", fingerprint, cfg.stage2.overwrite)
-    if out is None:
+    out = begin_stage(cfg, "stage2", fingerprint, cfg.stage2.overwrite) if dist.main else None
+    if not broadcast_flag(dist, out is not None):  # rank 0 found it complete
         return cfg.run_dir / "stage2"
+    if out is None:
+        out = cfg.run_dir / "stage2"
+        seed_everything(cfg.seed)  # as begin_stage seeded rank 0
     total_start = time.perf_counter()
-    c = load_components(cfg, progress, dataset, ckpt)
+    with main_first(dist):  # rank 0 warm-starts the generators (and fits the judges) into the caches
+        c = load_components(cfg, progress, dataset, ckpt)
+        judges = build_judges(cfg, c, progress)
     policy, rewarder, ds = c.policy, c.rewarder, c.ds
     s2 = cfg.stage2
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
     pairs = heldout_pairs(ds, held_users)
     pool = training_pairs(ds, train_users)
-    judges = build_judges(cfg, c, progress)
 
     def evaluate(personalized: bool) -> Generated:
-        return evaluate_condition(policy, judges, pairs, cfg, personalized, progress=progress)
+        return evaluate_condition(policy, judges, pairs, cfg, personalized, progress, dist)
+
+    def save() -> None:
+        check_replicas(dist, policy.parameters(), "stage 2")
+        if dist.main:
+            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
 
     logger.info(
-        "stage 2 on %s: %d training users (%d interactions), %d held-out (user, target) pairs",
+        "stage 2 on %s: %d training users (%d interactions), %d held-out (user, target) pairs%s",
         ds.root, len(train_users), len(pool), len(pairs),
+        f", split across {dist.world} processes" if dist.active else "",
     )  # fmt: skip
 
+    # Every process reads the checkpoint before any writes it: rank 0 writes only after the first collective.
     state = _load_state(out / CHECKPOINT_FILE, fingerprint, policy)
     optimizers = make_optimizers(policy, s2.rl)
     for m, sd in state.optimizers.items():
         optimizers[m].load_state_dict(sd)
-    tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="stage2")
+    tracker = (
+        build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="stage2") if dist.main else NoOpTracker()
+    )
     try:
         if "none" not in state.evals:
             logger.info("generating for the held-out pairs without preference tokens (heldout.none)")
             state.evals["none"] = evaluate(personalized=False)
-            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
+            save()
         if state.grounding is None:
             start = time.perf_counter()
             state.grounding = ground(
                 policy, ds, pool, s2.grounding, cfg.seed, progress,
-                item_text_emb=rewarder.item_text, item_image_emb=rewarder.item_image,
+                item_text_emb=rewarder.item_text, item_image_emb=rewarder.item_image, dist=dist,
             )  # fmt: skip
             state.seconds["grounding"] = time.perf_counter() - start
-            save_injected(out / GROUNDED_TOKENS_FILE, policy.injected)
+            if dist.main:
+                save_injected(out / GROUNDED_TOKENS_FILE, policy.injected)
             state.evals["grounded"] = evaluate(personalized=True)
             tracker.log(flatten_metrics({"grounded": state.evals["grounded"].metrics}), step=0)
-            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
-        _rl(policy, rewarder, pool, cfg, state, optimizers, tracker, out, progress)
+            save()
+        _rl(policy, rewarder, pool, cfg, state, optimizers, tracker, save, progress, dist)
         if "rl" not in state.evals:
             state.evals["rl"] = evaluate(personalized=True)
-            _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
-        metrics = _finish(out, cfg, c, state, pairs, fingerprint, judges, time.perf_counter() - total_start)
-        tracker.summary(flatten_metrics({k: v for k, v in metrics.items() if k in ("heldout", "timing")}))
-        _track_outputs(tracker, out, cfg, ds, pairs, state, fingerprint)
+            save()
+        if dist.main:
+            metrics = _finish(
+                out, cfg, c, state, pairs, fingerprint, judges, time.perf_counter() - total_start
+            )
+            tracker.summary(flatten_metrics({k: v for k, v in metrics.items() if k in ("heldout", "timing")}))
+            _track_outputs(tracker, out, cfg, ds, pairs, state, fingerprint)
     finally:
         tracker.finish()
+    barrier(dist)  # every process returns once rank 0 has written metrics.json
     return out
 
 
+def check_world(cfg: Config, world: int) -> None:
+    """Every process needs a share of every grounding batch and of every RL round's pairs."""
+    g, r = cfg.stage2.grounding, cfg.stage2.rl
+    sizes = {
+        "stage2.grounding.batch_size": g.batch_size,
+        "stage2.grounding.text_batch_size": g.text_batch_size or g.batch_size,
+        "stage2.rl.pairs_per_round": r.pairs_per_round,
+    }
+    small = {k: v for k, v in sizes.items() if v < world}
+    if small:
+        raise DppmgError(
+            f"stage 2 on {world} processes splits every grounding batch and every RL round's pairs across them, "
+            f"but {', '.join(f'{k}={v}' for k, v in small.items())} is fewer: raise it, or use fewer processes"
+        )
+
+
 def _rl(
-    policy, rewarder, pool, cfg: Config, state: Stage2State, optimizers, tracker, out: Path, progress: bool
-) -> None:
+    policy, rewarder, pool, cfg: Config, state: Stage2State, optimizers, tracker, save, progress: bool,
+    dist: Dist,
+) -> None:  # fmt: skip
     from tqdm.auto import tqdm
 
     rl, gen_cfg = cfg.stage2.rl, cfg.stage2.generation
@@ -339,12 +422,12 @@ def _rl(
     while state.iteration < rl.iterations:
         it = state.iteration
         start = time.perf_counter()
-        rounds = rl_iteration(policy, rewarder, pool, rl, gen_cfg, optimizers, cfg.seed, it)
+        rounds = rl_iteration(policy, rewarder, pool, rl, gen_cfg, optimizers, cfg.seed, it, dist)
         logs: dict[str, Any] = {"iteration": it + 1, **{m: log.as_dict() for m, log in rounds.items()}}
         logs["seconds"] = time.perf_counter() - start
         state.history.append(logs)
         state.iteration += 1
-        _save_state(out / CHECKPOINT_FILE, state, policy, optimizers)
+        save()
         tracker.log(
             flatten_metrics({"rl": {k: v for k, v in logs.items() if k != "iteration"}}), step=state.iteration
         )

@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from dppmg.config import WarmStartConfig
 from dppmg.errors import DppmgError
 from dppmg.tokens import TokenCheckpoint
-from stage2_generation.generators import Generators, image_shape
+from stage2_generation.generators import Generators, RowSampler, image_shape
 from stage2_generation.injection import InjectedTokens, inject_tokens, trainable_parameters
 from stage2_generation.prompts import chat_prompt, fill_prompt
 
@@ -182,9 +182,15 @@ def sample_texts(
     prompts: Sequence[str],
     max_new_tokens: int,
     temperature: float,
-    generator_seed: int,
+    seeds: Sequence[int],
 ) -> TextSamples:
-    """Sample one completion per prompt (one batch), keeping the token ids for the PPO update."""
+    """Sample one completion per prompt (one batch), keeping the token ids for the PPO update.
+
+    Prompt i is sampled with its own generator seeded by `seeds[i]` (`RowSampler`, no top-k or top-p, so that
+    `completion_log_probs` scores the distribution sampled from), whatever the other prompts of the batch.
+    """
+    if len(seeds) != len(prompts):
+        raise DppmgError(f"sample_texts: {len(prompts)} prompts but {len(seeds)} seeds")
     device = next(lm.parameters()).device
     batch = tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt").to(device)
     prompt_length = batch["input_ids"].shape[1]
@@ -196,18 +202,14 @@ def sample_texts(
         )
     was_training = lm.training
     lm.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(generator_seed)
-        out = lm.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=temperature,
-            top_p=1.0,
-            top_k=0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    out = lm.generate(
+        **batch,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,  # greedy over RowSampler's scores, which keep the token it drew
+        logits_processor=LogitsProcessorList([RowSampler(seeds, temperature, 0, 1.0, device)]),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     lm.train(was_training)
     completion = out[:, prompt_length:]
     is_eos = completion == tokenizer.eos_token_id

@@ -18,6 +18,13 @@ Image (DDPO, Black et al. 2023): a rollout is a stochastic DDIM chain (eta > 0) 
 policy with a known log-probability (`ddpo.py`); the ratio is per denoising step and the gradient reaches the
 image tokens through the text encoder's prompt states.
 
+Many processes (`dist`): every process draws the same P pairs and takes its strided share of them (whole
+groups, so the group advantages are exact); sample i of the round is seeded by (seed, i) whichever process draws
+it. The PPO minibatches index the round's samples in one order on every process; each computes the loss of its
+own samples in a minibatch, weighted by their share of it, and the gradients are summed (`guarded_step`), so every
+process takes the same steps. The skip and the KL stop are agreed across processes, and a round's log is the
+whole round's.
+
 Guards against collapse: the ratio is clipped (`clip_range`), advantages are clipped (`adv_clip_max`), a
 round stops its updates once the approximate KL to the rollout policy exceeds `max_approx_kl`, and a step whose
 loss or gradient is not finite is skipped and counted (`skipped` in the round's log) instead of applied.
@@ -34,11 +41,18 @@ import torch
 from torch import Tensor
 
 from dppmg.config import ADVANTAGE_KINDS, GenerationConfig, RLConfig
+from dppmg.distributed import SINGLE, Dist, all_agree, gather_rows, share, sum_across
 from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.ddpo import all_finite, ppo_clip_loss, recompute_log_prob, sample_with_logprob
 from stage2_generation.evaluate import Rewarder
-from stage2_generation.generators import encode_prompts, generate_images, generate_texts
+from stage2_generation.generators import (
+    TEXT_STREAM,
+    encode_prompts,
+    generate_images,
+    generate_texts,
+    sample_seed,
+)
 from stage2_generation.policy import (
     Pair,
     Policy,
@@ -128,6 +142,25 @@ def _minibatches(n: int, size: int, generator: torch.Generator) -> list[Tensor]:
     return [order[i : i + size] for i in range(0, n, size)]
 
 
+def _share(dist: Dist, num_pairs: int, group_size: int) -> tuple[list[int], list[int]]:
+    """(this process's pairs, its samples): pair positions in the round, and their G samples' positions in the
+    round's P * G samples (pair k's are k*G .. k*G + G - 1); everything on one process."""
+    mine = dist.shard(num_pairs)
+    return mine, [k * group_size + j for k in mine for j in range(group_size)]
+
+
+def _gather_result(dist: Dist, rows: list[int], result: RewardResult, n: int) -> RewardResult:
+    """The whole round's rewards, in the round's order, from every process's rows (`result` on one process)."""
+    if not dist.active:
+        return result
+    names = list(result.components)
+    local = torch.stack(
+        [result.total, *(result.components[k] for k in names)], dim=1
+    ).cpu()  # [N_local, 1 + K]
+    whole = torch.stack(gather_rows(dist, rows, list(local), n))
+    return RewardResult(whole[:, 0], {k: whole[:, 1 + j] for j, k in enumerate(names)})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Text round
 
@@ -140,20 +173,23 @@ def text_round(
     gen_cfg: GenerationConfig,
     optimizer: torch.optim.Optimizer,
     seed: int,
+    dist: Dist = SINGLE,
 ) -> RoundLog:
     """One GRPO round: G sampled texts per pair, each paired with the image policy's image for the pair."""
     start = time.perf_counter()
     lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
     g = cfg.group_size
-    expanded = [p for p in pairs for _ in range(g)]
-    groups = torch.arange(len(pairs)).repeat_interleave(g)
+    mine, rows = _share(dist, len(pairs), g)
+    expanded = [pairs[k] for k in mine for _ in range(g)]
+    groups = torch.arange(len(mine)).repeat_interleave(g)
+    seeds = [sample_seed(seed, r, TEXT_STREAM) for r in rows]
     samples = sample_texts(
-        lm, tokenizer, policy.text_prompts(expanded), gen_cfg.max_new_tokens, cfg.text_temperature, seed
+        lm, tokenizer, policy.text_prompts(expanded), gen_cfg.max_new_tokens, cfg.text_temperature, seeds
     )
     # The image partner: one deterministic image per pair from the current image policy.
     images = generate_images(
-        policy.gen.pipe, policy.image_prompts(pairs), steps=cfg.image_steps, guidance=gen_cfg.guidance,
-        seed=seed, batch_size=gen_cfg.batch_size,
+        policy.gen.pipe, policy.image_prompts([pairs[k] for k in mine]), steps=cfg.image_steps,
+        guidance=gen_cfg.guidance, seed=seed, batch_size=gen_cfg.batch_size, indices=mine,
     )  # fmt: skip
     result = rewarder(expanded, samples.texts, np.repeat(images, g, axis=0))
     adv, _ = _advantages(result, groups, cfg.advantage, rewarder.weights)
@@ -161,11 +197,11 @@ def text_round(
         old = completion_log_probs(lm, samples, cfg.text_temperature)
     params = policy.parameters("text")
     stats = _ppo(
-        cfg.text_epochs, len(expanded), cfg, seed,
+        cfg.text_epochs, len(pairs) * g, cfg, seed,
         lambda idx: _text_loss(lm, samples.select(idx), old[idx], adv[idx], cfg),
-        params, optimizer,
+        params, optimizer, rows, dist,
     )  # fmt: skip
-    reward, comps = _summary(result)
+    reward, comps = _summary(_gather_result(dist, rows, result, len(pairs) * g))
     return RoundLog("text", reward, comps, **stats, seconds=time.perf_counter() - start)
 
 
@@ -188,6 +224,7 @@ def _text_loss(
                 (((ratio - 1).abs() > cfg.clip_range).float() * mask).sum() / mask.sum().clamp(min=1)
             ),
             "finite": all_finite(loss, new),
+            "weight": float(mask.sum()),  # approx_kl and clipfrac are means over the completions' tokens
         }
     return loss, info
 
@@ -204,22 +241,25 @@ def image_round(
     gen_cfg: GenerationConfig,
     optimizer: torch.optim.Optimizer,
     seed: int,
+    dist: Dist = SINGLE,
 ) -> RoundLog:
     """One DDPO round: G stochastic DDIM chains per pair, each paired with the text policy's text for the pair."""
     start = time.perf_counter()
     pipe = policy.gen.pipe
     g = cfg.group_size
-    expanded = [p for p in pairs for _ in range(g)]
-    groups = torch.arange(len(pairs)).repeat_interleave(g)
+    mine, rows = _share(dist, len(pairs), g)
+    expanded = [pairs[k] for k in mine for _ in range(g)]
+    groups = torch.arange(len(mine)).repeat_interleave(g)
     texts = generate_texts(
-        policy.gen.lm, policy.gen.lm_tokenizer, policy.text_prompts(pairs), max_new_tokens=gen_cfg.max_new_tokens,
-        temperature=gen_cfg.temperature, seed=seed, batch_size=gen_cfg.batch_size,
+        policy.gen.lm, policy.gen.lm_tokenizer, policy.text_prompts([pairs[k] for k in mine]),
+        max_new_tokens=gen_cfg.max_new_tokens, temperature=gen_cfg.temperature, seed=seed,
+        batch_size=gen_cfg.batch_size, indices=mine,
     )  # fmt: skip
     prompts = policy.image_prompts(expanded)
     with torch.no_grad():
         embeds = encode_prompts(pipe, prompts)
         negative = encode_prompts(pipe, [""]).expand_as(embeds)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(expanded))]
+    generators = [torch.Generator().manual_seed(seed + r) for r in rows]
     traj = sample_with_logprob(
         pipe.unet, pipe.scheduler, embeds, negative, steps=cfg.image_steps, guidance=gen_cfg.guidance,
         eta=cfg.eta, shape=sample_shape(pipe), generator=generators,
@@ -244,10 +284,21 @@ def image_round(
             "approx_kl": float(np.mean([i["approx_kl"] for i in infos])),
             "clipfrac": float(np.mean([i["clipfrac"] for i in infos])),
             "finite": all(bool(i["finite"]) for i in infos),
+            "weight": float(len(idx)),  # approx_kl and clipfrac are means over the trajectories
         }
 
-    stats = _ppo(cfg.image_epochs, len(expanded), cfg, seed, loss_fn, policy.parameters("image"), optimizer)
-    reward, comps = _summary(result)
+    stats = _ppo(
+        cfg.image_epochs,
+        len(pairs) * g,
+        cfg,
+        seed,
+        loss_fn,
+        policy.parameters("image"),
+        optimizer,
+        rows,
+        dist,
+    )
+    reward, comps = _summary(_gather_result(dist, rows, result, len(pairs) * g))
     return RoundLog("image", reward, comps, **stats, seconds=time.perf_counter() - start)
 
 
@@ -273,8 +324,10 @@ def rl_iteration(
     optimizers: dict[str, torch.optim.Optimizer],
     seed: int,
     iteration: int,
+    dist: Dist = SINGLE,
 ) -> dict[str, RoundLog]:
-    """A text round, then an image round (for the modalities in `optimizers`), each on freshly drawn pairs."""
+    """A text round, then an image round (for the modalities in `optimizers`), each on freshly drawn pairs
+    (every process draws the same pairs and works on its share of them)."""
     rounds = {"text": text_round, "image": image_round}
     logs = {}
     for modality in ("text", "image"):
@@ -288,6 +341,7 @@ def rl_iteration(
                 gen_cfg,
                 optimizers[modality],
                 s,
+                dist,
             )
     return logs
 
@@ -297,24 +351,43 @@ def rl_iteration(
 
 
 def _ppo(
-    epochs: int, n: int, cfg: RLConfig, seed: int, loss_fn, params, optimizer
+    epochs: int,
+    n: int,
+    cfg: RLConfig,
+    seed: int,
+    loss_fn,
+    params,
+    optimizer,
+    rows: Sequence[int] | None = None,
+    dist: Dist = SINGLE,
 ) -> dict[str, float | int | bool]:
-    """`epochs` passes of minibatch updates with the KL stop and the NaN/inf guard."""
+    """`epochs` passes of minibatch updates with the KL stop and the NaN/inf guard.
+
+    The minibatches draw from the round's n samples; `loss_fn` takes positions in this process's samples, which
+    are the round's `rows` (all n on one process). With many processes every one walks the same minibatches,
+    computes the loss of its own samples in each (none: it still joins the step) and takes the agreed step.
+    """
     rng = torch.Generator().manual_seed(seed)
+    position = {r: k for k, r in enumerate(range(n) if rows is None else rows)}
     updates = skipped = 0
     kls, clips = [], []
     stopped = False
     for _ in range(epochs):
         for idx in _minibatches(n, cfg.minibatch_size, rng):
-            loss, info = loss_fn(idx)
-            if not info["finite"] or not guarded_step(loss, params, optimizer, cfg.max_grad_norm):
+            local = torch.tensor([position[i] for i in idx.tolist() if i in position], dtype=torch.long)
+            loss, info = loss_fn(local) if len(local) else (None, None)
+            if loss is not None:
+                loss = share(dist, loss, len(local), len(idx))
+            finite = all_agree(dist, info is None or bool(info["finite"]))
+            if not finite or not guarded_step(loss, params, optimizer, cfg.max_grad_norm, dist):
                 skipped += 1
                 logger.warning("RL: skipped an update with a non-finite loss or gradient")
                 continue
             updates += 1
-            kls.append(float(info["approx_kl"]))
-            clips.append(float(info["clipfrac"]))
-            if info["approx_kl"] > cfg.max_approx_kl:
+            approx_kl, clipfrac = _minibatch_stats(dist, info)
+            kls.append(approx_kl)
+            clips.append(clipfrac)
+            if approx_kl > cfg.max_approx_kl:
                 stopped = True
                 break
         if stopped:
@@ -326,3 +399,14 @@ def _ppo(
         "approx_kl": float(np.mean(kls)) if kls else 0.0,
         "clipfrac": float(np.mean(clips)) if clips else 0.0,
     }
+
+
+def _minibatch_stats(dist: Dist, info: dict[str, float | bool] | None) -> tuple[float, float]:
+    """(approx_kl, clipfrac) of the whole minibatch: on many processes, the processes' values weighted by what each
+    averaged over (info["weight"]), so that every process sees the same numbers and takes the same KL stop."""
+    if info is not None and not dist.active:  # one process holds every sample of every minibatch
+        return float(info["approx_kl"]), float(info["clipfrac"])
+    w = float(info["weight"]) if info is not None else 0.0
+    kl, clip = (float(info["approx_kl"]), float(info["clipfrac"])) if info is not None else (0.0, 0.0)
+    kl_sum, clip_sum, total = sum_across(dist, [kl * w, clip * w, w])
+    return kl_sum / total, clip_sum / total

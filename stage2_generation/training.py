@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dppmg.distributed import SINGLE, Dist, all_agree, sum_gradients
 from dppmg.errors import DppmgError
 from dppmg.log import logger
 from stage2_generation.generators import encode_prompts
@@ -80,20 +81,35 @@ def max_positions(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> in
 
 
 def diffusion_loss(
-    pipe: StableDiffusionPipeline, prompts: Sequence[str], pixels: torch.Tensor, generator: torch.Generator
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The denoising loss of `pixels` [B, 3, H, W] in [-1, 1] given `prompts`, at uniformly drawn timesteps.
 
     Prompts are encoded the way `StableDiffusionPipeline.encode_prompt` does (padded to the tokenizer's maximum
     length, no attention mask unless the encoder asks for one), so training and sampling see the same states.
+    `rows` (many processes): the loss of those rows of the batch only, `prompts` being theirs (see
+    `states_diffusion_loss`).
     """
-    return states_diffusion_loss(pipe, encode_prompts(pipe, prompts), pixels, generator)
+    return states_diffusion_loss(pipe, encode_prompts(pipe, prompts), pixels, generator, rows)
 
 
 def states_diffusion_loss(
-    pipe: StableDiffusionPipeline, states: torch.Tensor, pixels: torch.Tensor, generator: torch.Generator
+    pipe: StableDiffusionPipeline,
+    states: torch.Tensor,
+    pixels: torch.Tensor,
+    generator: torch.Generator,
+    rows: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """`diffusion_loss` given the conditioning states [B, L, D] themselves (PMG appends soft rows to them)."""
+    """`diffusion_loss` given the conditioning states [B, L, D] themselves (PMG appends soft rows to them).
+
+    With `rows`, `states` are those rows' ([len(rows), L, D]) while the noise and timesteps are still drawn for
+    the whole batch `pixels`: a process computing its rows of a batch draws what one process would, and its
+    generator stays in step with the other processes'.
+    """
     device = pipe.unet.device
     x0 = pixels.to(device)
     if pipe.vae is not None:  # real Stable Diffusion: diffuse the VAE's scaled latents, not the pixels
@@ -102,6 +118,9 @@ def states_diffusion_loss(
     scheduler = pipe.scheduler
     noise = torch.randn(x0.shape, generator=generator).to(device)
     t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),), generator=generator).to(device)
+    if rows is not None:
+        picked = torch.as_tensor(list(rows), dtype=torch.long, device=device)
+        x0, noise, t = x0[picked], noise[picked], t[picked]
     noisy = scheduler.add_noise(x0, noise, t)
     prediction = pipe.unet(noisy, t, encoder_hidden_states=states).sample
     kind = scheduler.config.prediction_type
@@ -135,20 +154,28 @@ def make_optimizer(
 
 
 def guarded_step(
-    loss: torch.Tensor,
+    loss: torch.Tensor | None,
     params: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     max_grad_norm: float,
+    dist: Dist = SINGLE,
 ) -> bool:
     """Backward, clip and step: the NaN/inf guard every stage-2 optimizer step goes through.
 
     A non-finite loss or gradient norm applies nothing (the gradients are cleared) and returns False, so one bad
     batch cannot poison the weights; the caller counts and logs the skip.
+
+    Many processes (`dist`): `loss` is this process's share of the batch's loss (`dppmg.distributed.share`; None
+    when its share is empty). The step is skipped everywhere when any process's loss is not finite, and the
+    gradients are summed across processes before the clip, so every process clips and steps alike and the
+    parameters stay equal.
     """
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss.detach()).all():
+    if not all_agree(dist, loss is None or bool(torch.isfinite(loss.detach()).all())):
         return False
-    loss.backward()
+    if loss is not None:
+        loss.backward()
+    sum_gradients(dist, params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)

@@ -145,6 +145,20 @@ def test_generate_texts_is_reproducible_for_a_seed_and_keeps_the_mode(gen: Gener
     assert a == b and a != c
 
 
+def test_sampled_texts_do_not_depend_on_the_batch_or_the_shard(gen: Generators):
+    """Text i is drawn by its own generator (seed, i): a shard of the list, batched differently, gets the same
+    texts as the whole list (what lets stage 2 split held-out pairs across processes)."""
+    prompts = PROMPTS * 2
+    args = dict(max_new_tokens=10, temperature=1.0, seed=4, progress=False)
+    whole = generate_texts(gen.lm, gen.lm_tokenizer, prompts, batch_size=3, **args)
+    odd = list(range(1, len(prompts), 2))
+    shard = generate_texts(
+        gen.lm, gen.lm_tokenizer, [prompts[i] for i in odd], batch_size=2, indices=odd, **args
+    )
+    assert shard == [whole[i] for i in odd]
+    assert len(set(whole)) > 1
+
+
 def test_generate_texts_refuses_a_prompt_that_does_not_fit(gen: Generators):
     with pytest.raises(DppmgError, match=r"exceeds the text generator's 32 positions"):
         generate_texts(gen.lm, gen.lm_tokenizer, ["lamp " * 20], max_new_tokens=20)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
 from dppmg import cli as cli_mod
 from dppmg.cli import main
@@ -21,6 +22,7 @@ from stage2_generation import judges as judges_mod
 from stage2_generation import pipeline as pipeline_mod
 from stage2_generation import rl as rl_mod
 from stage2_generation.evaluate import heldout_pairs, split_users
+from stage2_generation.generators import RowSampler
 from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs, typical_pairs
 from stage2_generation.judges import IMAGE_JUDGE_METRICS
 from stage2_generation.pipeline import CONDITIONS, load_components, run_stage2
@@ -97,17 +99,15 @@ def test_completion_log_probs_match_generate(components):
     lm, tok = policy.gen.lm, policy.gen.lm_tokenizer
     pairs = [Pair(0, "lamp"), Pair(1, "a much longer target phrase"), Pair(2, "rug")]
     prompts = policy.text_prompts(pairs)
-    samples = sample_texts(lm, tok, prompts, max_new_tokens=6, temperature=0.8, generator_seed=3)
+    samples = sample_texts(lm, tok, prompts, max_new_tokens=6, temperature=0.8, seeds=[3, 4, 5])
     ours = completion_log_probs(lm, samples, temperature=0.8)
-    # generate's scores for the same sampled sequences: rerun with the same seed and output_logits.
+    # generate's raw logits for the same sampled sequences: rerun with the same per-row seeds and output_logits.
     batch = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        out = lm.generate(
-            **batch, max_new_tokens=6, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
-            return_dict_in_generate=True,
-        )  # fmt: skip
+    out = lm.generate(
+        **batch, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        logits_processor=LogitsProcessorList([RowSampler([3, 4, 5], 0.8, 0, 1.0, torch.device("cpu"))]),
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
     assert torch.equal(out.sequences, samples.input_ids)
     logits = torch.stack(out.logits, dim=1).float() / 0.8
     theirs = torch.log_softmax(logits, -1).gather(-1, samples.input_ids[:, samples.prompt_length :, None])[
@@ -134,7 +134,7 @@ def test_grounding_lowers_its_loss_and_trains_only_the_tokens(world, components)
     def losses():
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)
-            return float(text_loss(policy, pairs, texts)), float(image_loss(policy, pairs, pixels, g))
+            return float(text_loss(policy, pairs, texts)[0]), float(image_loss(policy, pairs, pixels, g))
 
     before_loss = losses()
     before = all_snapshots(policy)

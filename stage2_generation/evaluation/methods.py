@@ -12,9 +12,10 @@
     oracle                synthetic world only: catalogue items that have the user's true tastes
 
 Every method generates with the same generation settings (`stage2.generation`), and image i of a call starts
-from the noise of (seed, i), so two methods called with one seed see the same noise for the same pair. That makes
-the two one-prompt ablations compositions (`ComposedMethod`): text_tokens_only's texts are dppmg's and its images
-none's, because its prompts are theirs; eval composes them instead of generating them again.
+from the noise of (seed, i) (text i samples with its own generator of (seed, i) too), so two methods called with
+one seed see the same noise for the same pair. That makes the two one-prompt ablations compositions
+(`ComposedMethod`): text_tokens_only's texts are dppmg's and its images none's, because its prompts are theirs;
+eval composes them instead of generating them again.
 """
 
 from __future__ import annotations
@@ -91,19 +92,24 @@ def generate_with_tokens(
     text_tokens: bool,
     image_tokens: bool,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> tuple[list[str], np.ndarray, float, float, int]:
-    """(texts, images, text seconds, image seconds, generated tokens) with the policy's current token rows."""
+    """(texts, images, text seconds, image seconds, generated tokens) with the policy's current token rows.
+
+    Pair k's text and image are seeded by (seed, indices[k]) (default k), so a shard of a list of pairs, given its
+    positions in the whole list, gets what the whole list would.
+    """
     gen = policy.gen
     start = time.perf_counter()
     texts = generate_texts(
         gen.lm, gen.lm_tokenizer, policy.text_prompts(pairs, text_tokens), max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=progress,
+        temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=progress, indices=indices,
     )  # fmt: skip
     text_seconds = time.perf_counter() - start
     start = time.perf_counter()
     images = generate_images(
         gen.pipe, policy.image_prompts(pairs, image_tokens), steps=g.image_steps, guidance=g.guidance,
-        seed=seed, batch_size=g.batch_size, progress=progress,
+        seed=seed, batch_size=g.batch_size, progress=progress, indices=indices,
     )  # fmt: skip
     image_seconds = time.perf_counter() - start
     # Generated tokens, counted by re-tokenizing (the EOS that ended a text counts as one).
@@ -140,7 +146,7 @@ COMPOSED = {"text_tokens_only": ("dppmg", "none"), "image_tokens_only": ("none",
 class ComposedMethod:
     """The texts of one method with the images of another, for an ablation whose text prompts are the first's and
     whose image prompts are the second's. With the same pairs and seed both are deterministic functions of the
-    prompts (the noise of image i is seeded by (seed, i); a text batch by the seed), so composing equals
+    prompts (the noise of image i and the sampling of text i are seeded by (seed, i)), so composing equals
     generating, at no cost; tests/test_eval.py checks it against `TokenMethod`."""
 
     name: str
