@@ -83,13 +83,14 @@ def cmd_eval(cfg: Config, ns: argparse.Namespace) -> None:
 def cmd_models_prepare(cfg: Config, ns: argparse.Namespace) -> None:
     from dppmg.models import prepare_models
 
-    # The packaged models, and the config's text model when it names another GGUF file.
+    # The packaged models, and the config's text model when it names another GGUF file: that one first, so that a
+    # missing or broken file fails before the minutes the packaged ones may take.
     names = None
     text_model = cfg.stage2.generators.text_model
     if text_model is not None and str(text_model).lower().endswith(".gguf"):
         from dppmg.models import PACKAGED
 
-        names = [m.name for m in PACKAGED.values()] + [text_model]
+        names = [text_model] + [m.name for m in PACKAGED.values()]
     for row in prepare_models(cfg.features.cache_dir, names):
         print(f"{row['name']:<24} {row['kind']:<14} {row['ready']}")
 

@@ -9,6 +9,7 @@ whole replaces it.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -795,8 +796,19 @@ def _describe(e: OmegaConfBaseException) -> str:
     if key and ":" in key:  # no key of the schema has one: a flow mapping without its space
         return f"key '{key}': YAML reads `{{a:1}}` as the one key 'a:1'; write `{{a: 1}}`"
     if "not in" in msg and key:
-        return f"unknown key '{key}'"
+        return f"unknown key '{key}'{_did_you_mean(key)}"
     return f"key '{key}': {msg}" if key else msg
+
+
+def _did_you_mean(key: str) -> str:
+    """'; did you mean 'data.min_user_interactions'?' for the closest key of the schema beside `key`, or ''."""
+    parent, _, name = key.rpartition(".")
+    schema = OmegaConf.structured(Config)
+    node = OmegaConf.select(schema, parent) if parent else schema
+    if not OmegaConf.is_dict(node):
+        return ""
+    close = difflib.get_close_matches(name, [str(k) for k in node], n=1)
+    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
 
 
 def to_yaml(cfg: Config) -> str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dppmg.device import resolve_device
@@ -178,7 +179,8 @@ def load_causal_lm(
         else:
             tokenizer = AutoTokenizer.from_pretrained(location)
             model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype])
-    except (OSError, ValueError, KeyError, struct.error) as e:  # struct.error: a GGUF cut in its header
+    # struct.error: a GGUF cut in its header; SafetensorError: a folder's weights cut short
+    except (OSError, ValueError, KeyError, struct.error, SafetensorError) as e:
         hint = (
             " (name a local folder, a GGUF file or a packaged model, or allow the hub)"
             if source.kind == "hub"

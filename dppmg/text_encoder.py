@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -28,6 +29,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 from dppmg.device import resolve_device
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path
+from dppmg.log import logger
 from dppmg.scorer import clean_texts
 
 PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -56,7 +58,7 @@ def load_text_model(model_name: str) -> tuple[PreTrainedTokenizerBase, PreTraine
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModel.from_pretrained(source)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: weights cut short
         if Path(source).expanduser().exists():
             raise DppmgError(
                 f"text encoder {model_name!r}: the folder exists but holds no loadable tokenizer and model "
@@ -169,12 +171,15 @@ def encode_texts(
 
 
 def _load_cached(path: Path, n: int) -> np.ndarray | None:
-    """The cached array, or None when it is unreadable or of the wrong length (then it is recomputed)."""
+    """The cached array, or None when it is unreadable, of the wrong length or not finite (then it is recomputed)."""
     try:
         arr = np.load(path)
     except (OSError, ValueError):
         return None
     if arr.ndim != 2 or arr.shape[0] != n or arr.dtype != np.float32:
+        return None
+    if not np.isfinite(arr).all():  # a cache written by a broken encoder, or damaged since
+        logger.warning("%s: cached text features hold NaN or infinite values; encoding the texts again", path)
         return None
     return arr
 

@@ -245,6 +245,13 @@ class TokenCheckpoint:
                     f"[levels, codebook_size, dim] = {want}"
                 )
             _check_shapes(m, book, code, vecs, num_users, DppmgError, where=f"{tensors_path}: ")
+            for name, t in ((names["codebook"], book), (names["user_vectors"], vecs)):
+                bad = ~torch.isfinite(t)
+                if bad.any():
+                    raise DppmgError(
+                        f"{tensors_path}: {name} holds {int(bad.sum())} NaN or infinite value(s), first at index "
+                        f"{[int(i) for i in bad.nonzero()[0]]}; expected finite vectors (rerun stage 1)"
+                    )
             if len(entry["token_strings"]) != entry["levels"] * entry["codebook_size"]:
                 raise DppmgError(
                     f"{manifest_path}: modalities.{m}.token_strings has {len(entry['token_strings'])} entries, "

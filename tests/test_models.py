@@ -356,6 +356,16 @@ def test_missing_paths_and_files_that_are_not_gguf_are_refused(tmp_path, monkeyp
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
+def test_a_model_folder_with_truncated_weights_is_a_clear_error_naming_it(tmp_path, tiny):
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    weights = tmp_path / "lm" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(DppmgError, match=r"cannot load the text model .*lm'.*(incomplete|deserializing)"):
+        load_causal_lm(tmp_path / "lm")
+
+
 @pytest.mark.parametrize("cut", ["header", "tensors"])
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_truncated_gguf_file_is_a_clear_error_naming_it(tmp_path, gguf_file, cut, cached):

@@ -6,13 +6,16 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dppmg.errors import DppmgError
+
+if TYPE_CHECKING:  # torch only where tensors are made: `dppmg data prepare` reports bad input before it loads
+    import torch
 
 IMAGES_DIR = "images"
 
@@ -53,6 +56,20 @@ def copy_image_files(paths: Sequence[str | None], root: Path, progress: bool = T
     return names
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as RGB: 16-bit scaled to 8 bits, transparent parts on white.
+
+    PIL's own `convert("RGB")` clips 16-bit values at 255 (a 16-bit photo turns white) and drops alpha
+    (transparent product shots turn to whatever colour the hidden pixels hold, often black).
+    """
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale; PIL reads some 16-bit PNGs as "I"
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if "A" in im.getbands() or "transparency" in im.info:
+        im = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    return im.convert("RGB")
+
+
 def load_image_array(
     paths: Sequence[str | Path], size: int | tuple[int, int], progress: bool = True
 ) -> np.ndarray:
@@ -64,7 +81,7 @@ def load_image_array(
     out = np.empty((len(paths), height, width, 3), dtype=np.uint8)
     for i, p in enumerate(tqdm(paths, desc="read images", unit="img", disable=not progress, leave=False)):
         with Image.open(p) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if im.size != (width, height):  # PIL sizes are (width, height)
                 im = im.resize((width, height), Image.Resampling.BICUBIC)
             out[i] = np.asarray(im)
@@ -74,7 +91,7 @@ def load_image_array(
 def load_image(path: str | Path, max_side: int | None = None) -> np.ndarray:
     """One image as uint8 [H, W, 3] at its own aspect ratio, shrunk so that its longer side is at most `max_side`."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if max_side is not None and max(im.size) > max_side:
             im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         return np.asarray(im)
@@ -85,6 +102,8 @@ def as_pixels01(images: np.ndarray | torch.Tensor, device: str | torch.device | 
 
     A uint8 batch moves to the device before it becomes float, so a large catalogue crosses as bytes.
     """
+    import torch
+
     x = torch.as_tensor(images)
     if x.ndim != 4:
         raise DppmgError(f"images must be a batch [N, H, W, 3] uint8 or [N, 3, H, W] float, got {tuple(x.shape)}")

@@ -30,6 +30,9 @@ from dppmg.io import commit_dir, finished_with, staging_dir, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
 
+# How `dppmg.data.imageio.to_rgb` reads the image modes that are not RGB, for the warning that counts them.
+IMAGE_MODES = {"L": "grayscale", "RGBA": "transparent parts on white", "P": "palette", "I;16": "16-bit, scaled to 8 bits"}
+
 
 def prepare(cfg: Config, progress: bool = True) -> Path:
     """Build `cfg.data.processed_dir`; returns its path."""
@@ -49,13 +52,16 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         raise DppmgError(f"{final} exists but is not a processed dataset (no meta.json); move it away first")
 
     t0 = time.perf_counter()
-    seed_everything(cfg.seed)
     staging = staging_dir(final)
     try:
         raw = load_source(cfg.data, cfg.seed)
         logger.info("read %s: %d items, %d interactions", raw.source, len(raw.items), len(raw.interactions))
         tables = process(raw, cfg.data, cfg.seed, progress=progress)
         _log_report(tables.report)
+        _check_text_with_images(raw, tables)
+        # Reading and processing draw only from generators seeded explicitly; the features and the scorer use the
+        # global ones. Seeding here, after the input checks, keeps torch's import off the path of a bad-input error.
+        seed_everything(cfg.seed)
         meta = _write_dataset(staging, raw, tables, cfg, progress)
         meta.update(build_fingerprint=fingerprint, seconds=round(time.perf_counter() - t0, 2))
         write_meta(staging, meta)
@@ -130,11 +136,6 @@ def _write_dataset(
         if images is None:
             size = cfg.features.scorer.image_size
             images = load_image_array([str(root / p) for p in items["image"]], size, progress)
-        if not has_text:
-            raise DppmgError(
-                "items have images but no text: the scorer is trained on (text, image) pairs; "
-                "give items a text column or drop the images"
-            )
         from dppmg.scorer import build_scorer
 
         scorer, report = build_scorer(
@@ -159,8 +160,18 @@ def _write_dataset(
     return meta
 
 
+def _check_text_with_images(raw: RawDataset, tables: ProcessedTables) -> None:
+    """Images need text beside them: the scorer (and so every image feature and reward) learns from the pairs."""
+    items = tables.items
+    if raw.images is None and items["image"].notna().any() and not items["text"].notna().any():
+        raise DppmgError(
+            f"{raw.info.get('items_file', 'the items')}: items have images but no text (every text is empty): "
+            "the scorer is trained on (text, image) pairs; give items a text or drop the images"
+        )
+
+
 def _log_report(report: dict[str, Any]) -> None:
-    """One line per filtering step that removed something, so nobody is surprised by the final counts."""
+    """One warning per filtering step that removed something, so nobody is surprised by the final counts."""
     for step, info in report.items():
         if isinstance(info, dict) and info.get("dropped_interactions"):
             settings = ", ".join(
@@ -168,14 +179,24 @@ def _log_report(report: dict[str, Any]) -> None:
                 for k, v in info.items()
                 if k != "dropped_interactions" and not isinstance(v, (dict, list))
             )
-            logger.info("%s (%s): dropped %d interactions", step, settings, info["dropped_interactions"])
+            logger.warning("%s (%s): dropped %d interactions", step, settings, info["dropped_interactions"])
     if report.get("unused_items_dropped"):
         logger.info("dropped %d items left without interactions", report["unused_items_dropped"])
+    converted = report.get("images", {}).get("converted_to_rgb")
+    if converted:
+        modes = ", ".join(f"{n} {m}" + (f" ({IMAGE_MODES[m]})" if m in IMAGE_MODES else "") for m, n in converted.items())
+        logger.warning("images: %d are not RGB and are read as RGB: %s", sum(converted.values()), modes)
+    if report.get("images", {}).get("sizes", 0) > 1:
+        logger.info("images: %d different sizes; each is resized when read", report["images"]["sizes"])
 
 
 def _add_features(root: Path, meta: dict, modality: str, feats: np.ndarray, encoder: str) -> None:
-    if not np.isfinite(feats).all():
-        raise DppmgError(f"{modality} features from {encoder} contain NaN or inf")
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        raise DppmgError(
+            f"{modality} features from {encoder}: {int(bad.sum())} item(s) have NaN or infinite values, e.g. item_idx "
+            f"{int(np.flatnonzero(bad)[0])}; expected finite features"
+        )
     write_features(root, modality, feats)
     meta["modalities"].append(modality)
     meta["features"][modality] = {"encoder": encoder, "dim": int(feats.shape[1])}

@@ -280,6 +280,8 @@ def _filter_images(
         "dropped_items": len(bad_items),
         "dropped_interactions": int((~keep).sum()),
         "examples": result.examples,
+        "converted_to_rgb": result.converted,
+        "sizes": result.sizes,
     }
     _nonempty(
         int(keep.sum()),

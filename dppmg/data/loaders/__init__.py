@@ -7,6 +7,7 @@ errors, matching item ids to image files, and turning timestamps into int64 seco
 
 from __future__ import annotations
 
+import difflib
 import gzip
 import importlib
 import json
@@ -111,7 +112,9 @@ def iter_jsonl_blocks(
                 line_no, line = next(lines)
             except StopIteration:
                 break
-            except (OSError, EOFError, UnicodeDecodeError) as e:  # a truncated .gz, a binary file
+            except UnicodeDecodeError:
+                raise DppmgError(not_utf8(path)) from None
+            except (OSError, EOFError) as e:  # a truncated .gz, a binary file
                 raise DppmgError(
                     f"{path}: cannot read past line {line_no}: {type(e).__name__}: {e}"
                 ) from None
@@ -167,6 +170,51 @@ def _frame(rows: list[dict[str, Any]], columns: list[str] | None) -> pd.DataFram
 
 
 # ----------------------------------------------------------------------------------------------
+# CSV and tab-separated files
+
+
+def read_csv(path: Path, expected: str, **kwargs: Any) -> pd.DataFrame:
+    """`pd.read_csv(path, **kwargs)`, its failures as errors naming the file, the line and `expected` (the layout).
+
+    pandas reports a row with too many fields as a tokenizer error and bytes that are not UTF-8 as a bare codec
+    error; both become one sentence a user can act on.
+    """
+    try:
+        return pd.read_csv(path, **kwargs)
+    except pd.errors.ParserError as e:
+        found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
+        if found is None:
+            raise DppmgError(f"{path}: not a well-formed table ({_first_line(e)}); expected {expected}") from None
+        want, line, saw = found.groups()
+        raise DppmgError(
+            f"{path}: line {line} has {saw} fields where the first line has {want} (a stray separator, or a "
+            f"value with a separator in it that is not quoted?); expected {expected}"
+        ) from None
+    except UnicodeDecodeError:  # before ValueError, its base class
+        raise DppmgError(not_utf8(path, kwargs.get("encoding") or "utf-8")) from None
+    except (pa.ArrowInvalid, ValueError) as e:  # a value that does not convert to the dtype asked for
+        raise DppmgError(f"{path}: {_first_line(e)}; expected {expected}") from None
+
+
+def not_utf8(path: Path, encoding: str = "utf-8") -> str:
+    """The message for a file that does not decode: its first bad line and byte (read again, line by line)."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as e:
+                return (
+                    f"{path}: line {line_no} is not {encoding} text (byte 0x{line[e.start]:02x} at column "
+                    f"{e.start + 1}; latin-1 or cp1252, perhaps?): save the file as UTF-8"
+                )
+    return f"{path}: not {encoding} text: save the file as UTF-8"
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().split("\n")[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Tables and values
 
 
@@ -178,8 +226,29 @@ def require_columns(
     if missing:
         expected = list(required) + [f"{c} (optional)" for c in optional]
         raise DppmgError(
-            f"{path}: missing column(s) {missing}; expected columns {expected}, found {list(frame.columns)}"
+            f"{path}: missing column(s) {missing}{did_you_mean(missing, frame.columns)}; expected columns "
+            f"{expected}, found {list(frame.columns)}"
         )
+
+
+def did_you_mean(wanted: list[str], present: Any) -> str:
+    """' (did you mean ...?)' naming, for each of `wanted`, the closest of `present` (difflib), or ''."""
+    pairs = []
+    for w in wanted:
+        close = difflib.get_close_matches(w, [str(p) for p in present], n=1, cutoff=0.6)
+        if close:
+            pairs.append(f"{close[0]!r} for {w!r}")
+    return f" (did you mean {', '.join(pairs)}?)" if pairs else ""
+
+
+def to_numbers(values: pd.Series, path: Path, column: str, row: str = "data row", row_offset: int = 1) -> pd.Series:
+    """`values` as float64; missing values stay NaN, anything else that is not a number names its first row."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = (numbers.isna() & values.notna()).to_numpy()
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise DppmgError(f"{path}: {row} {pos + row_offset}: {column} {values.iat[pos]!r} is not a number")
+    return numbers.astype(np.float64)
 
 
 def ids_to_str(values: pd.Series) -> pd.Series:
@@ -189,10 +258,13 @@ def ids_to_str(values: pd.Series) -> pd.Series:
     return values.astype("str")
 
 
-def to_seconds(values: pd.Series, path: Path, column: str = "timestamp", row_offset: int = 1) -> np.ndarray:
+def to_seconds(
+    values: pd.Series, path: Path, column: str = "timestamp", row_offset: int = 1, row: str = "data row"
+) -> np.ndarray:
     """int64 seconds from integer seconds or ISO-8601 date strings; an error names the first bad row.
 
-    `row_offset` turns a 0-based position into the row number shown to the user (1 = first data row).
+    `row_offset` turns a 0-based position into the row number shown to the user (1 = first data row), and `row`
+    is what the file calls a row ("line", "review number").
     """
     numeric = pd.to_numeric(values, errors="coerce")
     bad = numeric.isna().to_numpy()
@@ -205,7 +277,7 @@ def to_seconds(values: pd.Series, path: Path, column: str = "timestamp", row_off
         if unparsed.any():
             pos = int(np.flatnonzero(bad)[np.flatnonzero(unparsed)[0]])
             raise DppmgError(
-                f"{path}: data row {pos + row_offset}: {column} {values.iat[pos]!r} is neither an integer "
+                f"{path}: {row} {pos + row_offset}: {column} {values.iat[pos]!r} is neither an integer "
                 "(seconds since 1970) nor an ISO-8601 date"
             )
         seconds[bad] = (dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)

@@ -23,6 +23,7 @@ from dppmg.data.loaders import (
     require_file,
     require_raw_dir,
     resolve_images_dir,
+    to_numbers,
     truncate_words,
 )
 from dppmg.data.raw import RawDataset
@@ -91,12 +92,15 @@ def _read_reviews(path: Path) -> pd.DataFrame:
             raise DppmgError(
                 f"{path}: review number {first} has no {col!r}; every review needs {list(REVIEW_FIELDS)}"
             )
+    # Fields of another type ("rating": "five") come through the untyped reader as they are written.
+    rating = to_numbers(frame["rating"], path, "rating", row="review number")
+    timestamp = to_numbers(frame["timestamp"], path, "timestamp (milliseconds)", row="review number")
     return pd.DataFrame(
         {
             "user_id": frame["user_id"].astype("str"),
             "item_id": frame["parent_asin"].astype("str"),
-            "rating": pd.to_numeric(frame["rating"], errors="coerce").astype("float32"),
-            "timestamp": frame["timestamp"].astype("int64") // 1000,  # the 2023 release counts milliseconds
+            "rating": rating.astype("float32"),
+            "timestamp": timestamp.astype("int64") // 1000,  # the 2023 release counts milliseconds
         }
     )
 

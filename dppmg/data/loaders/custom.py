@@ -17,17 +17,21 @@ import pandas as pd
 
 from dppmg.config import DataConfig
 from dppmg.data.loaders import (
+    did_you_mean,
     ids_to_str,
     list_dir,
+    read_csv,
     read_jsonl,
     require_columns,
     require_file,
     require_raw_dir,
     resolve_images_dir,
+    to_numbers,
     to_seconds,
 )
 from dppmg.data.raw import RawDataset
 from dppmg.errors import DppmgError
+from dppmg.log import logger
 
 ITEM_COLUMNS = ("item_id", "text", "keywords")
 ITEM_OPTIONAL = ("image",)
@@ -61,11 +65,12 @@ def _table_file(cfg: DataConfig, raw_dir: Path, stem: str, configured: str | Non
     )
 
 
-def _read_table(path: Path, id_columns: tuple[str, ...]) -> pd.DataFrame:
+def _read_table(path: Path, columns: tuple[str, ...], id_columns: tuple[str, ...]) -> pd.DataFrame:
     name = path.name.lower()
     if name.endswith(CSV_SUFFIXES):
         # Ids as written ("007" stays "007"); empty cells are missing values.
-        return pd.read_csv(path, dtype={c: "str" for c in id_columns})
+        expected = f"comma-separated UTF-8 with a header line naming the columns {', '.join(columns)}"
+        return read_csv(path, expected, dtype={c: "str" for c in id_columns})
     if name.endswith(JSONL_SUFFIXES):
         return read_jsonl(path)
     raise DppmgError(
@@ -74,13 +79,22 @@ def _read_table(path: Path, id_columns: tuple[str, ...]) -> pd.DataFrame:
 
 
 def _read_items(path: Path, image_root: Path) -> pd.DataFrame:
-    frame = _read_table(path, ("item_id",))
+    frame = _read_table(path, ITEM_COLUMNS + ITEM_OPTIONAL, ("item_id",))
     require_columns(frame, ITEM_COLUMNS, path, optional=ITEM_OPTIONAL)
     _require_values(frame, ("item_id",), path)
     items = frame.copy()
     items["item_id"] = ids_to_str(frame["item_id"])
     for col in ("text", "keywords"):
-        items[col] = frame[col].astype("object").where(frame[col].notna(), None)
+        # Whitespace-only is no text: the encoders would see the same empty string for every such item.
+        values = frame[col].astype("object")
+        blank = values.map(lambda v: not isinstance(v, str) or not v.strip()).to_numpy(dtype=bool)
+        if blank.any():
+            logger.warning(
+                "%s: %d of %d items have an empty or whitespace-only %s (e.g. data row %d); they are kept "
+                "with no %s",
+                path, int(blank.sum()), len(frame), col, int(np.flatnonzero(blank)[0]) + 1, col,
+            )  # fmt: skip
+        items[col] = values.where(~blank, None)
     items["image"] = _image_paths(frame["image"], image_root) if "image" in frame else None
     extra = [c for c in items.columns if c not in (*ITEM_COLUMNS, "image")]
     return items[[*ITEM_COLUMNS, "image", *extra]]
@@ -99,9 +113,16 @@ def _image_paths(values: pd.Series, root: Path) -> pd.Series:
 
 
 def _read_interactions(path: Path) -> pd.DataFrame:
-    frame = _read_table(path, ("user_id", "item_id"))
+    frame = _read_table(path, INTERACTION_COLUMNS + INTERACTION_OPTIONAL, ("user_id", "item_id"))
     require_columns(frame, INTERACTION_COLUMNS, path, optional=INTERACTION_OPTIONAL)
     _require_values(frame, INTERACTION_COLUMNS, path)
+    ignored = [c for c in frame.columns if c not in INTERACTION_COLUMNS + INTERACTION_OPTIONAL]
+    if ignored:  # a misspelt optional column ("ratings") would otherwise vanish without a word
+        logger.warning(
+            "%s: ignoring column(s) %s%s; interactions use %s",
+            path, ignored, did_you_mean(ignored, INTERACTION_COLUMNS + INTERACTION_OPTIONAL),
+            list(INTERACTION_COLUMNS + INTERACTION_OPTIONAL),
+        )  # fmt: skip
     out = pd.DataFrame(
         {
             "user_id": ids_to_str(frame["user_id"]),
@@ -110,14 +131,7 @@ def _read_interactions(path: Path) -> pd.DataFrame:
         }
     )
     if "rating" in frame:
-        rating = pd.to_numeric(frame["rating"], errors="coerce")
-        bad = rating.isna() & frame["rating"].notna()
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DppmgError(
-                f"{path}: data row {row + 1}: rating {frame['rating'].iat[row]!r} is not a number"
-            )
-        out["rating"] = rating.astype(np.float32)
+        out["rating"] = to_numbers(frame["rating"], path, "rating").astype(np.float32)
     return out
 
 

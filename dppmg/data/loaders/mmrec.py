@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dppmg.config import DataConfig
-from dppmg.data.loaders import list_dir, require_columns, require_file, require_raw_dir
+from dppmg.data.loaders import list_dir, read_csv, require_columns, require_file, require_raw_dir, to_seconds
 from dppmg.data.raw import RawDataset
 from dppmg.errors import DppmgError
 
@@ -67,10 +67,20 @@ def _read_features(raw_dir: Path) -> dict[str, np.ndarray]:
     for modality, name in FEATURE_FILES.items():
         path = raw_dir / name
         if path.is_file():
-            arr = np.load(path)
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:  # not a .npy file, or cut short
+                raise DppmgError(f"{path}: not a readable .npy array ({e}); expected float [items, dim]") from None
             if arr.ndim != 2:
                 raise DppmgError(f"{path}: expected a 2-D array [items, dim], got shape {list(arr.shape)}")
-            features[modality] = arr.astype(np.float32, copy=False)
+            arr = arr.astype(np.float32, copy=False)
+            bad = ~np.isfinite(arr).all(axis=1)
+            if bad.any():
+                raise DppmgError(
+                    f"{path}: {int(bad.sum())} row(s) hold NaN or infinite values, e.g. row {int(np.flatnonzero(bad)[0])} "
+                    "(the item with that itemID); expected finite features for every item"
+                )
+            features[modality] = arr
     if not features:
         raise DppmgError(f"{raw_dir}: no item features; expected {' and/or '.join(FEATURE_FILES.values())}")
     rows = {FEATURE_FILES[m]: a.shape[0] for m, a in features.items()}
@@ -81,13 +91,13 @@ def _read_features(raw_dir: Path) -> dict[str, np.ndarray]:
 
 def _read_inter(path: Path, n_items: int, features: dict[str, np.ndarray]) -> tuple[pd.DataFrame, bool]:
     """The interactions, and whether the file had timestamps."""
-    frame = pd.read_csv(path, sep="\t")
+    frame = read_csv(path, f"tab-separated with a header line: {EXPECTED.split(' and ')[0]}", sep="\t")
     require_columns(frame, ("userID", "itemID", "x_label"), path, optional=("rating", "timestamp"))
     item = pd.to_numeric(frame["itemID"], errors="coerce")
     if item.isna().any() or (item < 0).any() or (item != item.round()).any():
         row = int(np.flatnonzero((item.isna() | (item < 0) | (item != item.round())).to_numpy())[0])
         raise DppmgError(
-            f"{path}: data row {row + 1}: itemID {frame['itemID'].iat[row]!r} is not a row number >= 0"
+            f"{path}: data row {row + 1}: itemID {frame['itemID'].tolist()[row]!r} is not a row number >= 0"
         )
     item = item.astype(np.int64)
     if len(item) and item.max() >= n_items:
@@ -101,12 +111,10 @@ def _read_inter(path: Path, n_items: int, features: dict[str, np.ndarray]) -> tu
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DppmgError(
-            f"{path}: data row {row + 1}: x_label {frame['x_label'].iat[row]!r} is not 0, 1 or 2"
+            f"{path}: data row {row + 1}: x_label {frame['x_label'].tolist()[row]!r} is not 0, 1 or 2"
         )
     # Without timestamps, the file's row order stands in for time (only leave_last_out needs it).
-    timestamp = (
-        frame["timestamp"].astype(np.int64) if "timestamp" in frame else np.arange(len(frame), dtype=np.int64)
-    )
+    timestamp = to_seconds(frame["timestamp"], path) if "timestamp" in frame else np.arange(len(frame), dtype=np.int64)
     out = pd.DataFrame(
         {
             "user_id": frame["userID"].astype("str"),

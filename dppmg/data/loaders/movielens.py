@@ -18,7 +18,16 @@ import numpy as np
 import pandas as pd
 
 from dppmg.config import DataConfig
-from dppmg.data.loaders import list_dir, match_images, require_raw_dir, resolve_images_dir
+from dppmg.data.loaders import (
+    list_dir,
+    match_images,
+    read_csv,
+    require_columns,
+    require_raw_dir,
+    resolve_images_dir,
+    to_numbers,
+    to_seconds,
+)
 from dppmg.data.raw import RawDataset
 from dppmg.errors import DppmgError
 
@@ -77,48 +86,71 @@ def load_movielens(cfg: DataConfig) -> RawDataset:
 # Ratings: one vectorised read each, ids as strings, timestamps as int64 seconds.
 
 
+ML_RATINGS = "userId,movieId,rating,timestamp with a header line, a number in each of the last two"
+
+
 def _read_ratings_csv(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(
-        path,
-        engine="pyarrow",  # multi-threaded; ~10x the C engine on ml-25m
-        dtype={"userId": "str", "movieId": "str", "rating": "float32", "timestamp": "int64"},
-    )
-    _check_columns(frame, ("userId", "movieId", "rating", "timestamp"), path)
+    try:
+        frame = read_csv(
+            path,
+            ML_RATINGS,
+            engine="pyarrow",  # multi-threaded; ~10x the C engine on ml-25m
+            dtype={"userId": "str", "movieId": "str", "rating": "float32", "timestamp": "int64"},
+        )
+    except DppmgError:
+        # pyarrow does not say which row failed to convert: read the text again to name it (errors only).
+        text = read_csv(path, ML_RATINGS, dtype="str")
+        require_columns(text, ("userId", "movieId", "rating", "timestamp"), path)
+        to_numbers(text["rating"], path, "rating")
+        to_numbers(text["timestamp"], path, "timestamp")
+        raise
+    require_columns(frame, ("userId", "movieId", "rating", "timestamp"), path)
     frame.columns = [{"userId": "user_id", "movieId": "item_id"}.get(c, c) for c in frame.columns]
     return frame[RATING_COLUMNS]
 
 
+ML100K_RATINGS = "4 tab-separated fields per line, no header: user id, item id, rating, timestamp (seconds)"
+ML1M_RATINGS = "UserID::MovieID::Rating::Timestamp on every line, no header"
+
+
 def _read_ratings_100k(path: Path) -> pd.DataFrame:
-    return pd.read_csv(
-        path,
-        sep="\t",
-        header=None,
-        names=RATING_COLUMNS,
-        dtype={"user_id": "str", "item_id": "str", "rating": "float32", "timestamp": "int64"},
-    )
+    # Read as text and convert after, so that a bad value is an error naming its line (100k lines: no cost).
+    frame = read_csv(path, ML100K_RATINGS, sep="\t", header=None, names=RATING_COLUMNS, dtype="str")
+    return _typed_ratings(frame, path, ML100K_RATINGS)
 
 
 def _read_ratings_dat(path: Path) -> pd.DataFrame:
     # "1::1193::5::978300760": a two-character separator would need pandas' slow python engine, so
     # split on ":" with the C engine and keep every other field (the empty ones sit between the colons).
-    frame = pd.read_csv(
-        path,
-        sep=":",
-        header=None,
-        usecols=[0, 2, 4, 6],
-        dtype={0: "str", 2: "str", 4: "float32", 6: "int64"},
-        encoding="latin-1",
-    )
+    read = {"sep": ":", "header": None, "usecols": [0, 2, 4, 6], "encoding": "latin-1"}
+    try:
+        frame = read_csv(path, ML1M_RATINGS, dtype={0: "str", 2: "str", 4: "float32", 6: "int64"}, **read)
+    except DppmgError:
+        # The typed read does not say which line failed (ml-10m has 10M): read the text again to name it.
+        text = read_csv(path, ML1M_RATINGS, dtype="str", **read)
+        text.columns = RATING_COLUMNS
+        _typed_ratings(text, path, ML1M_RATINGS)
+        raise
     frame.columns = RATING_COLUMNS
     return frame
 
 
-def _check_columns(frame: pd.DataFrame, required: tuple[str, ...], path: Path) -> None:
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise DppmgError(
-            f"{path}: missing column(s) {missing}; expected {list(required)}, found {list(frame.columns)}"
-        )
+def _typed_ratings(frame: pd.DataFrame, path: Path, expected: str) -> pd.DataFrame:
+    """Ratings read as text (RATING_COLUMNS, no header) with float32 ratings and int64 seconds; errors name the line."""
+    short = frame.isna().to_numpy().any(axis=1)
+    if short.any():
+        row = int(np.flatnonzero(short)[0])
+        fields = int(frame.iloc[row].notna().sum())
+        raise DppmgError(f"{path}: line {row + 1} has {fields} field(s); expected {expected}")
+    try:
+        rating = to_numbers(frame["rating"], path, "rating", row="line")
+        timestamp = to_seconds(frame["timestamp"], path, row="line")
+    except DppmgError as e:
+        first = frame.iloc[0].tolist()
+        if not any(v.replace(".", "", 1).isdigit() for v in first[2:]):  # "user_id  item_id  rating  timestamp"
+            raise DppmgError(f"{path}: line 1 looks like a header line {first}; expected {expected}") from None
+        raise DppmgError(f"{e}; expected {expected}") from None
+    return frame.assign(rating=rating.astype(np.float32), timestamp=timestamp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,10 +158,13 @@ def _check_columns(frame: pd.DataFrame, required: tuple[str, ...], path: Path) -
 
 
 def _read_movies_csv(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(
-        path, dtype={"movieId": "str", "title": "str", "genres": "str"}, keep_default_na=False
+    frame = read_csv(
+        path,
+        "movieId,title,genres with a header line (titles with a comma in double quotes)",
+        dtype={"movieId": "str", "title": "str", "genres": "str"},
+        keep_default_na=False,
     )
-    _check_columns(frame, ("movieId", "title", "genres"), path)
+    require_columns(frame, ("movieId", "title", "genres"), path)
     return pd.DataFrame(
         {"item_id": frame["movieId"], "title": frame["title"], "genres": frame["genres"].str.split("|")}
     )
