@@ -164,6 +164,10 @@ class Stage1Config:
     reg_weight: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN convention)
     patience: int = 10  # epochs without a better validation Recall@20 before stopping
     eval_every: int = 1
+    # Users the per-epoch validation (early stopping, best checkpoint) ranks every item for: a random sample of
+    # this many, drawn once from the seed; 0 = all. Full ranking costs users × items, so on 5M interactions
+    # (250k users, 100k items) one validation takes longer than an epoch. The test metrics always use every user.
+    valid_users: int = 0
     # Quantizer
     vq_levels: int = 3
     vq_codebook_size: int = 256
@@ -538,8 +542,9 @@ class Config:
         for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every"):
             if getattr(st, key) < 1:
                 raise DppmgError(f"stage1.{key} must be >= 1, got {getattr(st, key)}")
-        if st.vq_users_per_step < 0:
-            raise DppmgError(f"stage1.vq_users_per_step must be >= 0 (0 = all), got {st.vq_users_per_step}")
+        for key in ("vq_users_per_step", "valid_users"):
+            if getattr(st, key) < 0:
+                raise DppmgError(f"stage1.{key} must be >= 0 (0 = all), got {getattr(st, key)}")
         if st.recency_halflife < 0:
             raise DppmgError(
                 f"stage1.recency_halflife must be >= 0 (0 = binary edges), got {st.recency_halflife}"

@@ -6,6 +6,7 @@ phases (`train_epoch`, `validate`, `finalize`); `finalize` writes metrics.json a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
@@ -245,20 +247,31 @@ class Stage1Trainer:
                 decoded[m] = self.quantizer.decode(m, q.codes)
         return emb, codes, decoded
 
+    @functools.cached_property
+    def valid_interactions(self) -> pd.DataFrame:
+        """The interactions validation ranks with: every user's, or those of `stage1.valid_users` users drawn
+        once from the seed (all their splits, since the ranking masks each user's training items)."""
+        inter, cap = self.ds.interactions, self.cfg.valid_users
+        users = np.unique(inter.loc[inter["split"] == "valid", "user_idx"].to_numpy())
+        if cap == 0 or cap >= len(users):
+            return inter
+        keep = np.random.default_rng([self.seed, 7]).choice(users, cap, replace=False)
+        return inter[inter["user_idx"].isin(keep)]
+
     def validate(self) -> dict[str, float]:
         return self.validate_with_codes()[0]
 
     def validate_with_codes(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """Validation metrics, and every user's codes per modality ({} before the quantizer is trained)."""
         emb, codes, decoded = self.embeddings()
-        ks = self.cfg.ks
+        ks, interactions = self.cfg.ks, self.valid_interactions
         out = {
             f"valid/{k}": v
-            for k, v in full_ranking_metrics(emb.users, emb.items, self.ds.interactions, "valid", ks).items()
+            for k, v in full_ranking_metrics(emb.users, emb.items, interactions, "valid", ks).items()
         }
         if decoded:
             users_q = {**emb.users, **decoded}
-            metrics_q = full_ranking_metrics(users_q, emb.items, self.ds.interactions, "valid", ks)
+            metrics_q = full_ranking_metrics(users_q, emb.items, interactions, "valid", ks)
             out.update({f"valid/{k}_quantized": v for k, v in metrics_q.items() if k != "users_evaluated"})
         return out, codes
 
@@ -285,8 +298,17 @@ class Stage1Trainer:
         torch.set_rng_state(sd["torch_rng"])
 
 
+# Keys added after finished runs existed, with their defaults: left out of the fingerprint at the default, so those
+# runs still count as finished for the config that made them.
+LATER_KEYS = {"valid_users": 0}
+
+
 def stage1_fingerprint(cfg: Config, content_hash: str) -> str:
-    s1 = {k: v for k, v in to_dict(cfg.stage1).items() if k not in ("overwrite", "device")}
+    s1 = {
+        k: v
+        for k, v in to_dict(cfg.stage1).items()
+        if k not in ("overwrite", "device") and not (k in LATER_KEYS and v == LATER_KEYS[k])
+    }
     blob = json.dumps(
         {"stage1": s1, "seed": cfg.stage1.resolved_seed(cfg.seed), "dataset": content_hash}, sort_keys=True
     )

@@ -223,3 +223,23 @@ def test_vq_sees_at_most_vq_users_per_step(finished):
     logs = tr.train_epoch(progress=False)
     assert seen and max(seen) == 5  # batches of 128 hold many more than 5 distinct users
     assert torch.isfinite(torch.tensor(logs["train/bpr_quantized"]))
+
+
+def test_valid_users_ranks_a_fixed_sample_of_users(finished):
+    from dppmg.data.format import load_dataset
+    from stage1_preference.train import Stage1Trainer, stage1_fingerprint
+
+    tmp, cfg, _ = finished
+    ds = load_dataset(cfg.data.processed_dir)
+    every = Stage1Trainer(ds, cfg.stage1, 0).validate()["valid/users_evaluated"]
+    sampled = cfg_for(tmp, "stage1.valid_users=10")
+    a, b = Stage1Trainer(ds, sampled.stage1, 0), Stage1Trainer(ds, sampled.stage1, 0)
+    assert every > 10 and a.validate()["valid/users_evaluated"] == 10
+    assert a.valid_interactions.equals(b.valid_interactions)  # drawn once from the seed
+    kept = set(a.valid_interactions["user_idx"])
+    # each sampled user keeps all of its splits (the ranking masks its training items)
+    assert len(a.valid_interactions) == ds.interactions["user_idx"].isin(kept).sum()
+    # the default leaves the fingerprint as it was before the key existed; another value changes it
+    assert stage1_fingerprint(sampled, "h") != stage1_fingerprint(cfg, "h")
+    with pytest.raises(DppmgError, match="stage1.valid_users must be >= 0"):
+        cfg_for(tmp, "stage1.valid_users=-1")
