@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gp.add_argument("--out", help="output folder (default: runs/<run>/stage2/generate)")
     gp.add_argument("--no-tokens", action="store_true", help="the non-personalized baseline: keywords only")
+    gp.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="a --user the dataset does not know gets the population's tokens (the most common per level) "
+        "instead of an error; a known user without training history always does",
+    )
     gp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     gp.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     return p
@@ -210,10 +216,11 @@ def _run_generate(ns: argparse.Namespace, overrides: list[str]) -> int:
 
     rows = generate(
         ns.run, ns.user, ns.target, out=Path(ns.out) if ns.out else None, personalized=not ns.no_tokens,
-        overrides=overrides, progress=not ns.quiet,
+        overrides=overrides, progress=not ns.quiet, cold_start=ns.cold_start,
     )  # fmt: skip
     for r in rows:
-        print(f"{r['user_id']} | {r['target']} | {r['image']}\n  {r['text']}")
+        note = f"  (population fallback: the user {r['fallback']})" if r["fallback"] else ""
+        print(f"{r['user_id']} | {r['target']} | {r['image']}{note}\n  {r['text']}")
     return 0
 
 

@@ -13,10 +13,12 @@ so that a checkpoint can be shipped on its own.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -328,17 +330,20 @@ class TokenCheckpoint:
             if not 0 <= user < self.num_users:
                 raise DppmgError(f"user index {user} out of range [0, {self.num_users})")
             return user
-        user = str(user)
+        index = self.find_user(str(user))
+        if index is not None:
+            return index
+        raise DppmgError(
+            f"unknown user {str(user)!r} in {self.path}: {nearest_ids_hint(str(user), self.user_ids)}; expected one "
+            f"of {self.num_users} user ids or a row index in [0, {self.num_users})"
+        )
+
+    def find_user(self, user: str) -> int | None:
+        """`user_index` of a user id (or a row index in digits), or None when there is no such user."""
         index = self._id_index.get(user)
         if index is not None:
             return index
-        if user.isdigit() and int(user) < self.num_users:
-            return int(user)
-        sample = ", ".join(self.user_ids[:SAMPLE_IDS])
-        raise DppmgError(
-            f"unknown user {user!r} in {self.path}: expected one of {self.num_users} user ids (e.g. {sample}) "
-            f"or a row index in [0, {self.num_users})"
-        )
+        return int(user) if user.isdigit() and int(user) < self.num_users else None
 
     @cached_property
     def _id_index(self) -> dict[str, int]:
@@ -353,6 +358,29 @@ class TokenCheckpoint:
     def user_prompt(self, user_idx: int, modality: str) -> str:
         """The user's tokens joined without spaces, ready to put in a prompt: "<pt_0_17><pt_1_3>"."""
         return "".join(self.user_tokens(user_idx, modality))
+
+    def population_codes(self, modality: str, users: Sequence[int] | None = None) -> list[int]:
+        """The cold-start fallback's codes: at each level, the code most of `users` (rows; all by default) hold.
+
+        The population's mode, level by level (ties go to the lower code): each is the most used token of its
+        level, so the one whose row grounding and RL trained on the most users. It needs nothing but the
+        checkpoint, and with stage1.collision_level the extra level's mode is 0, the code of a unique tuple.
+        """
+        codes = self.codes[modality]
+        if users is not None:
+            codes = codes[torch.as_tensor(list(users), dtype=torch.long)]
+        if len(codes) == 0:
+            raise DppmgError(f"{self.path}: no users to take the population's {modality} tokens from")
+        # argmax returns the first maximum: the lower code on a tie.
+        return code_counts(codes, self.codebook_size(modality)).argmax(dim=1).tolist()
+
+    def population_prompt(self, modality: str, users: Sequence[int] | None = None) -> str:
+        """`population_codes` as a prompt, like `user_prompt`: "<pt_0_3><pt_1_0>"."""
+        prefix = self.prefix(modality)
+        return "".join(
+            token_string(prefix, level, code)
+            for level, code in enumerate(self.population_codes(modality, users))
+        )
 
     def decoded(self, modality: str) -> torch.Tensor:
         """The users' vectors as the tokens encode them: the sum over levels of the chosen codes. [U, d]"""
@@ -399,6 +427,14 @@ class TokenCheckpoint:
         if problems:
             lines = "\n".join(f"  - {p}" for p in problems)
             raise DppmgError(f"token checkpoint {self.path} does not match:\n{lines}")
+
+
+def nearest_ids_hint(user: str, ids: Sequence[str], n: int = SAMPLE_IDS) -> str:
+    """ "the nearest ids are 'u12', 'u21'" (difflib's closest to `user`), or some of `ids` when none is close."""
+    close = difflib.get_close_matches(user, ids, n=n, cutoff=0.6)
+    if close:
+        return "the nearest ids are " + ", ".join(repr(c) for c in close)
+    return "no id is close to it (the ids look like " + ", ".join(repr(i) for i in ids[:n]) + ")"
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

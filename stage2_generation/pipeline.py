@@ -53,7 +53,7 @@ from dppmg.log import logger
 from dppmg.runs import begin_stage
 from dppmg.scorer import Scorer
 from dppmg.seeding import seed_everything
-from dppmg.tokens import TokenCheckpoint
+from dppmg.tokens import TokenCheckpoint, nearest_ids_hint
 from dppmg.tracking import NoOpTracker, Tracker, build_tracker, flatten_metrics
 from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
@@ -217,7 +217,8 @@ def load_components(
         model_cache=Path(cfg.features.cache_dir),
     )  # fmt: skip
     warm_seconds = time.perf_counter() - start
-    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed)
+    population = users_with_history(ds, ckpt)
+    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed, population=population)
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
     rewarder = Rewarder(ds, scorer, encoder, s2.rl.weights)
     return Components(ds, ckpt, policy, rewarder, warm_seconds)
@@ -671,6 +672,54 @@ def _write_gallery(
 # dppmg generate
 
 
+def users_with_history(ds: ProcessedDataset, ckpt: TokenCheckpoint) -> list[int]:
+    """The token rows of the users with training interactions: the population of the cold-start fallback."""
+    trained = set(ds.split("train")["user_idx"].tolist())
+    row_of = {uid: row for row, uid in enumerate(ckpt.user_ids)}
+    rows = [row_of.get(str(uid)) for uid, u in zip(ds.users["user_id"], ds.users["user_idx"]) if u in trained]
+    return sorted(r for r in rows if r is not None)
+
+
+@dataclass
+class Requested:
+    """A user `generate` was asked for: the id, and the token row, or None and why the population stands in."""
+
+    user_id: str
+    row: int | None
+    fallback: str | None = None
+
+
+def resolve_users(
+    users: list[str], ds: ProcessedDataset, ckpt: TokenCheckpoint, cold_start: bool = False
+) -> list[Requested]:
+    """Each requested id (or row index) as a token row; the population fallback where the user has no tokens of
+    their own. An id the dataset does not know is an error naming the nearest ids, unless `cold_start`."""
+    trained = set(users_with_history(ds, ckpt))
+    in_dataset = set(ds.users["user_id"].astype(str))
+    out, unknown = [], []
+    for user in users:
+        row = ckpt.find_user(user)
+        if row is not None:
+            uid = ckpt.user_ids[row]
+            out.append(
+                Requested(uid, row) if row in trained else Requested(uid, None, "has no training history")
+            )
+        elif user in in_dataset:
+            out.append(Requested(user, None, "has no stage-1 tokens"))
+        elif cold_start:
+            out.append(Requested(user, None, "is not in the dataset"))
+        else:
+            unknown.append(user)
+    if unknown:
+        ids = ds.users["user_id"].astype(str).tolist()
+        named = "; ".join(f"unknown user {u!r}: {nearest_ids_hint(u, ids)}" for u in unknown)
+        raise DppmgError(
+            f"{named}. The run's dataset ({ds.root}) has {len(ids)} users; check the id, or pass --cold-start to "
+            "generate for a new user with the population fallback (the most common token at each level)"
+        )
+    return out
+
+
 def resolve_run(run: str, runs_dir: str = "runs") -> Path:
     """A run folder from a path or a run name; it must hold a finished stage 2."""
     candidates = [Path(run), Path(runs_dir) / run]
@@ -692,34 +741,50 @@ def generate(
     personalized: bool = True,
     overrides: list[str] | None = None,
     progress: bool = True,
+    cold_start: bool = False,
 ) -> list[dict[str, Any]]:
     """Generate a text and an image for every (user, target) with a finished run's tokens.
 
-    Writes <out>/<user>__<target>.png and appends a row per generation to <out>/generations.jsonl;
+    A user without tokens of their own (no training history, or, with `cold_start`, an id the dataset does not
+    know) gets the population's tokens (`TokenCheckpoint.population_codes`), with a warning and `"fallback"` in
+    their rows. Writes <out>/<user>__<target>.png and appends a row per generation to <out>/generations.jsonl;
     returns the rows. `out` defaults to runs/<run>/stage2/generate/.
     """
-    folder = resolve_run(run)
-    cfg = load_config(folder / "stage2" / "config.yaml", overrides)
-    c = load_components(cfg, progress)
-    load_injected(folder / "stage2" / TOKENS_FILE, c.policy.injected)
-    pairs = [Pair(c.ckpt.user_index(u), t) for u in users for t in targets]
     for t in targets:
         if not t.strip():
             raise DppmgError("--target must be non-empty keywords, e.g. --target 'lamp'")
-    texts, images, *_ = generate_pairs(c.policy, pairs, cfg, personalized)
+    folder = resolve_run(run)
+    cfg = load_config(folder / "stage2" / "config.yaml", overrides)
+    from dppmg.data.prepare import prepare
+
+    # The contract, then the users: a mistyped id fails in a second, not after the generators' warm start.
+    ds, ckpt = load_dataset(prepare(cfg, progress=progress)), TokenCheckpoint.load(tokens_folder(cfg))
+    ckpt.check_compatible(str(ds.meta["content_hash"]), stage1_expectation(cfg, ds, ckpt))
+    requested = resolve_users(users, ds, ckpt, cold_start)
+    c = load_components(cfg, progress, dataset=ds.root, ckpt=ckpt)
+    load_injected(folder / "stage2" / TOKENS_FILE, c.policy.injected)
+    for r in requested:
+        if r.fallback is not None and personalized:
+            tokens = " ".join(c.ckpt.population_prompt(m, c.policy.population) for m in c.ckpt.modalities)
+            logger.warning(
+                "user %r %s: generating with the population fallback, the most common token at each level "
+                "(%s)", r.user_id, r.fallback, tokens,
+            )  # fmt: skip
+    pairs = [(r, Pair(r.row, t)) for r in requested for t in targets]
+    texts, images, *_ = generate_pairs(c.policy, [p for _, p in pairs], cfg, personalized)
     out = Path(out) if out is not None else folder / "stage2" / "generate"
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for p, text, img in zip(pairs, texts, images):
-        uid = c.ckpt.user_ids[p.user]
-        name = f"{_safe(uid)}__{_safe(p.keywords)}.png"
+    for (r, p), text, img in zip(pairs, texts, images):
+        name = f"{_safe(r.user_id)}__{_safe(p.keywords)}.png"
         with atomic_path(out / name) as tmp:
             Image.fromarray(img).save(tmp, format="PNG")
         rows.append(
             {
-                "user_id": uid,
+                "user_id": r.user_id,
                 "target": p.keywords,
                 "personalized": personalized,
+                "fallback": r.fallback if personalized else None,
                 "text": text,
                 "image": str(out / name),
             }

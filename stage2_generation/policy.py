@@ -36,9 +36,13 @@ from stage2_generation.prompts import chat_prompt, fill_prompt
 
 @dataclass
 class Pair:
-    """A (user, target) generation request: the user's row and the target's keywords (and item, if known)."""
+    """A (user, target) generation request: the user's row and the target's keywords (and item, if known).
 
-    user: int
+    `user` None is a user without tokens of their own (cold start): the prompts carry the population's tokens
+    (`TokenCheckpoint.population_codes`).
+    """
+
+    user: int | None
     keywords: str
     item: int | None = None
 
@@ -52,6 +56,9 @@ class Policy:
     text: InjectedTokens | None
     image: InjectedTokens | None
     prompts: WarmStartConfig
+    population: list[int] | None = (
+        None  # the rows whose tokens make the cold-start fallback (None: every user)
+    )
 
     @classmethod
     def inject(
@@ -61,11 +68,13 @@ class Policy:
         content_hash: str,
         prompts: WarmStartConfig,
         seed: int = 0,
+        population: list[int] | None = None,
     ) -> Policy:
         """Inject the checkpoint's text tokens into the LM and its image tokens into the diffusion text encoder.
 
         A modality the checkpoint lacks is not injected (its prompts then carry no tokens). The UNet, the VAE
         and every original weight are frozen; the returned policy's `parameters()` are all that can train.
+        `population` are the users (rows) a `Pair` without a user takes its tokens from.
         """
         if not set(ckpt.modalities) & {"text", "image"}:
             raise DppmgError(f"{ckpt.path}: the token checkpoint has neither text nor image tokens")
@@ -87,7 +96,7 @@ class Policy:
         gen.lm.eval()
         pipe.text_encoder.eval()
         pipe.unet.eval()
-        return cls(gen, ckpt, text, image, prompts)
+        return cls(gen, ckpt, text, image, prompts, population)
 
     @property
     def injected(self) -> list[InjectedTokens]:
@@ -99,10 +108,12 @@ class Policy:
 
     # --- prompts ----------------------------------------------------------------------------------------
 
-    def _tokens(self, user: int, modality: str, personalized: bool) -> str:
+    def _tokens(self, user: int | None, modality: str, personalized: bool) -> str:
         inj = self.text if modality == "text" else self.image
         if not personalized or inj is None:
             return ""
+        if user is None:
+            return self.ckpt.population_prompt(modality, self.population)
         # No space before the keywords: the tokenizer then splits them exactly as in the warm-start prompt (a
         # byte-level BPE would otherwise see " lamp", another token than the "lamp" the generators learned).
         return self.ckpt.user_prompt(user, modality)

@@ -210,11 +210,20 @@ def _require(inputs: RewardInputs, reward: str, *names: str) -> list[Tensor]:
     return [getattr(inputs, n) for n in names]
 
 
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine over the last dimension, returned in float32.
+
+    Computed in float64: in float32 the squared norm of a vector with entries above ~1e19 overflows, and the
+    cosine of such a vector with itself comes out 0 instead of 1 (a silently wrong reward, not a NaN).
+    """
+    return F.cosine_similarity(a.double(), b.double(), dim=-1, eps=COSINE_EPS).float()
+
+
 def _paired_cosine(a: Tensor, b: Tensor, what: str) -> Tensor:
     """Row-wise cosine of (N, D) × (N, D) → (N,), in float32 whatever the embeddings' dtype."""
     if a.shape != b.shape:
         raise DppmgError(f"{what}: shapes {tuple(a.shape)} and {tuple(b.shape)} differ; expected two [N, D]")
-    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=COSINE_EPS)
+    return _cosine(a, b)
 
 
 def history_similarity(
@@ -238,7 +247,7 @@ def history_similarity(
     if mask is None:
         mask = torch.ones(history.shape[:2], dtype=torch.bool, device=history.device)
     mask = mask.bool()
-    cos = F.cosine_similarity(gen.float()[:, None, :], history.float(), dim=-1, eps=COSINE_EPS)  # (N, H)
+    cos = _cosine(gen[:, None, :], history)  # (N, H)
     count = mask.sum(-1)  # (N,)
     if reduce == "mean":
         # where(), not multiplication: a NaN in a padded slot would survive `0 * nan`.

@@ -1,6 +1,7 @@
 """Stage 2 on the debug world with tiny generators: log-probabilities, grounding, RL steps, the whole run, generate."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from stage2_generation.evaluate import heldout_pairs, split_users
 from stage2_generation.generators import RowSampler
 from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs, typical_pairs
 from stage2_generation.judges import IMAGE_JUDGE_METRICS
-from stage2_generation.pipeline import CONDITIONS, load_components, run_stage2
+from stage2_generation.pipeline import CONDITIONS, load_components, resolve_users, run_stage2
 from stage2_generation.policy import Pair, completion_log_probs, sample_texts
+from stage2_generation.prompts import fill_prompt
 from stage2_generation.rewards import METRIC_NAMES, RewardResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,6 +373,70 @@ def test_generate_command_writes_text_and_png(finished, capsys, tmp_path):
     assert [r["target"] for r in rows] == ["lamp", "rug"]
     assert main(["generate", str(cfg.run_dir), "--user", "nobody", "--target", "lamp", "-q"]) == 2
     assert "unknown user 'nobody'" in capsys.readouterr().err
+
+
+def test_generate_a_typo_names_the_nearest_ids_and_cold_start_uses_the_population(
+    finished, capsys, caplog, tmp_path, monkeypatch
+):
+    cfg, _ = finished
+    users = TokenCheckpoint.load(cfg.run_dir / "stage1" / "tokens").user_ids
+    typo = users[3].replace("user", "usr")  # a letter missing
+    assert main(["generate", str(cfg.run_dir), "--user", typo, "--target", "lamp", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"dppmg: error: unknown user '{typo}': the nearest ids are " in err and "--cold-start" in err
+    assert f"the nearest ids are '{users[3]}'" in err
+    # A newcomer (with --cold-start), and a known user whose interactions are none of them training ones.
+    real_load = pipeline_mod.load_dataset
+    monkeypatch.setattr(
+        pipeline_mod, "load_dataset", lambda *a, **k: without_history(real_load(*a, **k), users[0])
+    )
+    argv = ["generate", str(cfg.run_dir), "--user", "newcomer", "--user", users[0], "--target", "lamp"]
+    assert main([*argv, "--out", str(tmp_path), "-q", "--cold-start"]) == 0
+    printed, err = capsys.readouterr()
+    assert (
+        "newcomer | lamp | " in printed and "(population fallback: the user is not in the dataset)" in printed
+    )
+    assert (
+        f"{users[0]} | lamp | " in printed
+        and "(population fallback: the user has no training history)" in printed
+    )
+    # The warning: on stderr, or in caplog when dppmg's handler holds an earlier test's captured stream.
+    assert (
+        "user 'newcomer' is not in the dataset: generating with the population fallback" in caplog.text + err
+    )
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert [r["fallback"] for r in rows] == ["is not in the dataset", "has no training history"]
+    assert (tmp_path / "newcomer__lamp.png").is_file()
+
+
+def without_history(ds, user_id: str):
+    """`ds` with the user's training interactions dropped, as a source with its own split (data.split=given) has
+    users whose interactions are all valid or test."""
+    user = int(ds.users.index[ds.users["user_id"] == user_id][0])
+    inter = ds.interactions
+    kept = inter[~((inter["user_idx"] == user) & (inter["split"] == "train"))].reset_index(drop=True)
+    return dataclasses.replace(ds, interactions=kept)
+
+
+def test_resolve_users_falls_back_only_for_users_without_tokens_of_their_own(components):
+    ds, ckpt = components.ds, components.ckpt
+    first, second = ckpt.user_ids[:2]
+    got = resolve_users([first, "1"], ds, ckpt)
+    assert [(r.user_id, r.row, r.fallback) for r in got] == [(first, 0, None), (second, 1, None)]
+    (cold,) = resolve_users([first], without_history(ds, first), ckpt)
+    assert (cold.user_id, cold.row, cold.fallback) == (first, None, "has no training history")
+    (new,) = resolve_users(["newcomer"], ds, ckpt, cold_start=True)
+    assert (new.user_id, new.row, new.fallback) == ("newcomer", None, "is not in the dataset")
+    typo = first.replace("user", "usr")  # a letter missing
+    with pytest.raises(
+        DppmgError, match=rf"unknown user '{typo}': the nearest ids are '{first}'.*--cold-start"
+    ):
+        resolve_users([typo], ds, ckpt)
+    # The fallback prompt is the population's mode per level, of the users with history only.
+    policy = components.policy
+    assert policy.population == list(range(ckpt.num_users))
+    want = fill_prompt(policy.prompts.image_prompt, "lamp", ckpt.population_prompt("image"))
+    assert policy.image_prompts([Pair(None, "lamp")]) == [want]
 
 
 # --- exports, loaded by the libraries they are for ------------------------------------------------------

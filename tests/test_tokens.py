@@ -315,10 +315,22 @@ def test_show_user_by_id_or_index(ckpt_dir):
     assert "no processed dataset" in by_id
 
 
+def test_population_codes_are_the_most_common_code_per_level(ckpt_dir):
+    """The cold-start fallback: text codes [[3, 1], [3, 1], [0, 4], [5, 5], [6, 0], [7, 1]]."""
+    ckpt = TokenCheckpoint.load(ckpt_dir)
+    assert ckpt.population_codes("text") == [3, 1]
+    assert ckpt.population_prompt("text") == "<pt_0_3><pt_1_1>"
+    assert ckpt.population_codes("text", users=[2, 3]) == [0, 4]  # ties go to the lower code
+    with pytest.raises(DppmgError, match="no users to take the population's text tokens from"):
+        ckpt.population_codes("text", users=[])
+
+
 def test_show_unknown_user_lists_valid_ids(ckpt_dir):
     ckpt = TokenCheckpoint.load(ckpt_dir)
-    with pytest.raises(DppmgError, match=r"unknown user 'nobody'.*user00000, user00001"):
+    with pytest.raises(DppmgError, match=r"unknown user 'nobody'.*no id is close.*'user00000', 'user00001'"):
         show_user_text(ckpt, "nobody")
+    with pytest.raises(DppmgError, match=r"unknown user 'usr00003'.*the nearest ids are 'user00003', "):
+        show_user_text(ckpt, "usr00003")  # a typo
     with pytest.raises(DppmgError, match=r"user index 6 out of range \[0, 6\)"):
         show_user_text(ckpt, 6)
 

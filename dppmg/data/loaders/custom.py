@@ -65,12 +65,15 @@ def _table_file(cfg: DataConfig, raw_dir: Path, stem: str, configured: str | Non
     )
 
 
-def _read_table(path: Path, columns: tuple[str, ...], id_columns: tuple[str, ...]) -> pd.DataFrame:
+def _read_table(path: Path, columns: tuple[str, ...], str_columns: tuple[str, ...]) -> pd.DataFrame:
     name = path.name.lower()
     if name.endswith(CSV_SUFFIXES):
-        # Ids as written ("007" stays "007"); empty cells are missing values.
+        # Ids and texts as written ("007" stays "007", a title "1984" stays text); only empty cells are missing
+        # values, not pandas' "NA", "null", "None" and the like, which are ids and texts too.
         expected = f"comma-separated UTF-8 with a header line naming the columns {', '.join(columns)}"
-        return read_csv(path, expected, dtype={c: "str" for c in id_columns})
+        return read_csv(
+            path, expected, dtype={c: "str" for c in str_columns}, keep_default_na=False, na_values=[""]
+        )
     if name.endswith(JSONL_SUFFIXES):
         return read_jsonl(path)
     raise DppmgError(
@@ -79,7 +82,7 @@ def _read_table(path: Path, columns: tuple[str, ...], id_columns: tuple[str, ...
 
 
 def _read_items(path: Path, image_root: Path) -> pd.DataFrame:
-    frame = _read_table(path, ITEM_COLUMNS + ITEM_OPTIONAL, ("item_id",))
+    frame = _read_table(path, ITEM_COLUMNS + ITEM_OPTIONAL, ("item_id", "text", "keywords", "image"))
     require_columns(frame, ITEM_COLUMNS, path, optional=ITEM_OPTIONAL)
     _require_values(frame, ("item_id",), path)
     items = frame.copy()
