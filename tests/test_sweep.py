@@ -151,7 +151,7 @@ def test_offline_stage1_sweep_end_to_end(tmp_path):
     assert "trial 1" in r.stdout
 
 
-@pytest.mark.slow  # stage 1 once, then two stage-2 trials on the debug world: about 3 minutes on 2 cores
+@pytest.mark.slow  # stage 1 once, then two stage-2 trials on the debug world: 53 s on 2 cores
 def test_offline_stage2_sweep_end_to_end_shares_one_stage1(tmp_path):
     spec = load_spec(ROOT / "configs" / "sweeps" / "stage2.yaml")
     spec.update(name="e2e2", method="random")
