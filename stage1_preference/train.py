@@ -29,7 +29,7 @@ from dppmg.distributed import Dist, barrier, broadcast_flag, init_distributed, s
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json
 from dppmg.log import logger
-from dppmg.runs import begin_stage
+from dppmg.runs import begin_stage, stage_lock
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, code_counts, save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import NoOpTracker, Tracker, build_tracker, log_code_usage
@@ -323,7 +323,8 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
     """
     dist = init_distributed(cfg.stage1.device)
     try:
-        return _run_stage1(cfg, progress and dist.main, dist)
+        with stage_lock(cfg, "stage1", dist.main):
+            return _run_stage1(cfg, progress and dist.main, dist)
     finally:
         shutdown(dist)
 
