@@ -120,9 +120,8 @@ class Stage1Trainer:
         self._unsynced = [
             p for p in self.quantizer.parameters() if p.requires_grad
         ]  # none with EMA codebooks
-        params = list(self.model.parameters()) + self._unsynced
-        self.params = params
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.params = list(self.model.parameters()) + self._unsynced
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
         self.skipped_in_a_row = 0  # steps with a non-finite loss or gradient since the last applied one
         self.rng = np.random.default_rng(seed)
         self.torch_rng = torch.Generator().manual_seed(seed)  # which users the VQ sees on large graphs
