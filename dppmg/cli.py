@@ -14,6 +14,7 @@ from pathlib import Path
 from dppmg import __version__
 from dppmg.config import Config, load_config, to_yaml
 from dppmg.errors import DppmgError
+from dppmg.io import DISK_FULL, disk_full_message
 from dppmg.log import logger, setup_logging
 
 FORMATS = ("safetensors", "textual-inversion", "hf")  # stage2_generation.export.FORMATS, without its imports
@@ -320,6 +321,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         func(cfg, ns)
     except DppmgError as e:
         print(f"dppmg: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:  # a write outside `atomic_path` (a staging folder's tables, say)
+            raise
+        print(f"dppmg: error: {disk_full_message(e.filename)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dppmg: interrupted; finished outputs are intact, partial ones were discarded", file=sys.stderr)

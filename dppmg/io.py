@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -31,8 +33,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise DppmgError(disk_full_message(path)) from None
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(path: str | os.PathLike | None) -> str:
+    """What the command line says when a write ran out of space (the temporary file is gone; the old one stays)."""
+    return (
+        f"no space left on device writing {path or 'an output'}: free some space and rerun the same command; "
+        "what was written before is intact"
+    )
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -107,6 +124,48 @@ def finished_with(
             f"Pass {overwrite_key}=true to replace it, or {rename_key}=<new name> to keep both."
         )
     return False
+
+
+# Locks this process holds, with their depth: taking one again (a stage that calls another's code) is not a conflict.
+_held: dict[Path, int] = {}
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on the file `path` for the block, or raise a DppmgError naming `what` and the PID
+    that holds it (each holder writes its PID into the file).
+
+    The OS releases a flock when its process ends in any way, SIGKILL included, so a dead process never leaves a
+    stale lock behind; the file stays, with the last holder's PID in it.
+    """
+    path = Path(path).absolute()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DppmgError(
+                f"{what} is in use by another process (PID {holder}, lock {path}): wait for it to finish or stop "
+                "it; two processes at once would interleave their writes"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _held[path] = 1
+        try:
+            yield
+        finally:
+            del _held[path]
+    finally:
+        os.close(fd)  # releases the lock
 
 
 _checkpoints_written = 0

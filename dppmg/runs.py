@@ -1,11 +1,14 @@
-"""The start every stage of a run shares: skip a finished stage, or open its folder, record the config, seed."""
+"""What every stage of a run shares: one process at a time (a lock), then skip a finished stage, or open its folder,
+record the config, seed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dppmg.config import Config, to_yaml
-from dppmg.io import finished_with, write_text
+from dppmg.io import exclusive_lock, finished_with, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
 
@@ -27,3 +30,20 @@ def begin_stage(cfg: Config, stage: str, fingerprint: str, overwrite: bool) -> P
     write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
     return out
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def stage_lock(cfg: Config, stage: str, main: bool = True) -> Iterator[None]:
+    """Hold `runs/<run_name>/<stage>/.lock` for the block: a second process on the same run and stage is refused.
+
+    Under a launcher only rank 0 (`main`) takes it: the other ranks write nothing of their own, and they are part
+    of the same run.
+    """
+    if not main:
+        yield
+        return
+    with exclusive_lock(cfg.run_dir / stage / LOCK_FILE, f"run {cfg.run_name!r}, {stage}"):
+        yield

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from dppmg.config import Config, Stage1Config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.device import resolve_device
-from dppmg.distributed import Dist, barrier, broadcast_flag, init_distributed, shutdown
+from dppmg.distributed import Dist, all_agree, barrier, broadcast_flag, init_distributed, shutdown
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json
 from dppmg.log import logger
-from dppmg.runs import begin_stage
+from dppmg.runs import begin_stage, stage_lock
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, code_counts, save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import NoOpTracker, Tracker, build_tracker, log_code_usage
@@ -57,6 +57,13 @@ class TrainState:
     vq_initialised: bool = False
     epoch_seconds: list[float] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # steps with a non-finite loss or gradient in a row before stage 1 gives up
+
+
+class NonFiniteTraining(DppmgError):
+    """Training gave non-finite losses or gradients MAX_SKIPPED_IN_A_ROW times in a row."""
 
 
 class Stage1Trainer:
@@ -113,8 +120,9 @@ class Stage1Trainer:
         self._unsynced = [
             p for p in self.quantizer.parameters() if p.requires_grad
         ]  # none with EMA codebooks
-        params = list(self.model.parameters()) + self._unsynced
-        self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        self.params = list(self.model.parameters()) + self._unsynced
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr)
+        self.skipped_in_a_row = 0  # steps with a non-finite loss or gradient since the last applied one
         self.rng = np.random.default_rng(seed)
         self.torch_rng = torch.Generator().manual_seed(seed)  # which users the VQ sees on large graphs
         self.state = TrainState()
@@ -159,6 +167,7 @@ class Stage1Trainer:
         # Every process draws the same triples (same seed); with many, each takes every world-th row of a batch,
         # so together they cover the batch a single process would, and averaged gradients make the same step.
         rank, world = self.dist.rank, self.dist.world
+        skipped = 0
         for start in tqdm(steps, desc=f"epoch {self.state.epoch + 1}", leave=False, disable=not progress):
             sl = slice(start + rank, start + batch, world)
             # A share's mean, weighted by its share of the batch (the last batch may not split evenly), so that
@@ -167,17 +176,49 @@ class Stage1Trainer:
             parts = self._batch_loss(
                 u[sl], pos[sl], neg[sl], batch_users=u[start : start + batch], share=share
             )
-            self.optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            self._average_unsynced_grads()
-            self.optimizer.step()
+            if not self._guarded_step(parts["loss"]):
+                skipped += 1
+                continue
             for k, v in parts.items():
                 totals[k] += float(v.detach())
         if self.dist.active:  # each process summed its own share's means; report the whole batch's
             summed = torch.tensor(list(totals.values()), dtype=torch.float64)
             torch.distributed.all_reduce(summed)
             totals = dict(zip(totals, (summed / self.dist.world).tolist()))
-        return {f"train/{k}": v / len(steps) for k, v in totals.items()}
+        if skipped:
+            logger.warning(
+                "stage 1 epoch %d: skipped %d of %d steps with a non-finite loss or gradient",
+                self.state.epoch + 1, skipped, len(steps),
+            )  # fmt: skip
+        applied = len(steps) - skipped
+        logs = {f"train/{k}": v / applied if applied else float("nan") for k, v in totals.items()}
+        return {**logs, "train/skipped_steps": skipped}
+
+    def _guarded_step(self, loss: torch.Tensor) -> bool:
+        """Backward and step, unless the loss or the gradient is not finite: then nothing is applied and False.
+
+        The decision is the same on every process (a skip on one is a skip on all, before DDP's backward), so the
+        replicas stay equal. MAX_SKIPPED_IN_A_ROW skips in a row stop the run: the weights are not coming back.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = all_agree(self.dist, bool(torch.isfinite(loss.detach())))
+        if finite:
+            loss.backward()
+            self._average_unsynced_grads()
+            # The total norm, unclipped (max_norm=inf): the same on every process after DDP's averaging.
+            finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, float("inf"))))
+        if finite:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteTraining(
+                f"stage 1 stopped in epoch {self.state.epoch + 1}: {self.skipped_in_a_row} steps in a row had a "
+                "non-finite loss or gradient"
+            )
+        return False
 
     def _average_unsynced_grads(self) -> None:
         """Average the gradients DDP does not see (trainable quantizer parameters, if any) across processes."""
@@ -323,7 +364,8 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
     """
     dist = init_distributed(cfg.stage1.device)
     try:
-        return _run_stage1(cfg, progress and dist.main, dist)
+        with stage_lock(cfg, "stage1", dist.main):
+            return _run_stage1(cfg, progress and dist.main, dist)
     finally:
         shutdown(dist)
 
@@ -381,7 +423,17 @@ def _fit(
     bar = tqdm(total=cfg.epochs, initial=st.epoch, desc="stage 1", unit="epoch", disable=not progress)
     while st.epoch < cfg.epochs:
         t0 = time.perf_counter()
-        logs = trainer.train_epoch(progress)
+        try:
+            logs = trainer.train_epoch(progress)
+        except NonFiniteTraining as e:
+            kept = (
+                f"the last good checkpoint, {ckpt} (epoch {st.epoch}), is kept and a rerun resumes from it"
+                if ckpt.is_file()
+                else "no checkpoint had been written yet"
+            )
+            raise DppmgError(
+                f"{e}; {kept}. Lower stage1.lr, or check the features for extreme values"
+            ) from None
         st.epoch_seconds.append(time.perf_counter() - t0)
         st.epoch += 1
         if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.epochs:

@@ -50,7 +50,7 @@ from dppmg.distributed import (
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
-from dppmg.runs import begin_stage
+from dppmg.runs import begin_stage, stage_lock
 from dppmg.scorer import Scorer
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, nearest_ids_hint
@@ -306,7 +306,8 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     """
     dist = init_distributed(cfg.stage2.generators.device)
     try:
-        return _run_stage2(cfg, progress and dist.main, dist)
+        with stage_lock(cfg, "stage2", dist.main):
+            return _run_stage2(cfg, progress and dist.main, dist)
     finally:
         shutdown(dist)
 

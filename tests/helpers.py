@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +15,90 @@ import torch
 
 from dppmg.tokens import TokenCheckpoint, save_token_checkpoint
 from stage2_generation.gallery import GalleryEntry, Shown
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 600  # seconds: generous, the machine is shared
+
+
+# The real command line in a subprocess, on configs/debug.yaml in a temporary folder (tests/test_resume.py,
+# tests/test_faults.py); DPPMG_TEST_PAUSE_AFTER_CHECKPOINT makes the point a process is killed at deterministic.
+
+
+def command(tmp: Path, stage: str, run_name: str, *overrides: str) -> list[str]:
+    """`python -m dppmg STAGE configs/debug.yaml ...` for `run_name` in `tmp`; STAGE may be two words."""
+    return [
+        sys.executable, "-m", "dppmg", *stage.split(), str(REPO / "configs" / "debug.yaml"), f"run_name={run_name}",
+        f"data.root={tmp / 'data'}", f"features.cache_dir={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}",
+        *overrides,
+    ]  # fmt: skip
+
+
+def env(pause_after: int | None = None) -> dict[str, str]:
+    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    e.pop("DPPMG_TEST_PAUSE_AFTER_CHECKPOINT", None)
+    if pause_after is not None:
+        e["DPPMG_TEST_PAUSE_AFTER_CHECKPOINT"] = str(pause_after)
+    return e
+
+
+def run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+    """Run `cmd` to its end; with `ok`, assert that it succeeded."""
+    r = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def start_until(cmd: list[str], pause_after: int | None, ready: Callable[[], bool]) -> subprocess.Popen:
+    """Start `cmd` (pausing after its `pause_after`-th checkpoint, if given); return it once `ready()` holds."""
+    proc = subprocess.Popen(
+        cmd, env=env(pause_after), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not ready():
+            assert proc.poll() is None, f"exited before it was ready: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "not ready in time"
+            time.sleep(0.05 if pause_after is None else 0.2)
+    except BaseException:
+        kill(proc)
+        raise
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def kill_when(cmd: list[str], pause_after: int | None, ready: Callable[[], bool], done: Path) -> None:
+    """Start `cmd`, SIGKILL it once `ready()` holds (after its pause, with `pause_after`); `done` must not exist."""
+    proc = start_until(cmd, pause_after, ready)
+    try:
+        if pause_after is not None:
+            time.sleep(
+                0.5
+            )  # the checkpoint is renamed into place before the pause: nothing is written after it
+            assert proc.poll() is None
+    finally:
+        kill(proc)
+    assert not done.exists()
+
+
+def no_partial_files(folder: Path) -> None:
+    """After a rerun nothing half-written is left: no temp files beside final ones, no staging folders."""
+    left = [p for p in folder.rglob(".*") if p.name.endswith(".tmp") or ".partial-" in p.name]
+    assert left == [], left
+
+
+def without_seconds(obj):
+    """`obj` without its wall-clock entries (keys named "seconds"), which differ between any two runs."""
+    if isinstance(obj, dict):
+        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_seconds(v) for v in obj]
+    return obj
+
 
 GALLERY_CONDITIONS = ("non-personalized", "before RL (grounded)", "after RL")
 

@@ -72,9 +72,10 @@ def test_two_processes_end_where_one_process_ends(runs):
 def test_only_rank_zero_writes(runs):
     _, two = runs
     assert sorted(p.name for p in two.iterdir() if not p.name.startswith("wandb")) == sorted(
-        ["best.pt", "checkpoint.pt", "config.yaml", "history.json", "metrics.json", "tokens"]
+        [".lock", "best.pt", "checkpoint.pt", "config.yaml", "history.json", "metrics.json", "tokens"]
     )
-    assert not list(two.parent.glob(".*partial*")) and not list(two.glob(".*"))
+    assert not list(two.parent.glob(".*partial*"))
+    assert [p.name for p in two.glob(".*")] == [".lock"]  # the stage's lock, and no temporary file
 
 
 # --- stage 2 ------------------------------------------------------------------------------------------------
@@ -122,10 +123,10 @@ def test_stage2_two_processes_end_where_one_process_ends(stage2_runs):
 def test_stage2_only_rank_zero_writes(stage2_runs):
     _, two = stage2_runs
     assert sorted(p.name for p in two.iterdir()) == sorted(
-        ["checkpoint.pt", "config.yaml", "export", "gallery.html", "generations", "metrics.json",
+        [".lock", "checkpoint.pt", "config.yaml", "export", "gallery.html", "generations", "metrics.json",
          "tokens.safetensors", "tokens_grounded.safetensors"]
     )  # fmt: skip
-    assert not list(two.glob(".*"))
+    assert [p.name for p in two.glob(".*")] == [".lock"]  # the stage's lock, and no temporary file
 
 
 @pytest.mark.slow  # 22 s: two processes load the components again to finish

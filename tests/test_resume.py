@@ -5,62 +5,20 @@ The kill point is made deterministic with DPPMG_TEST_PAUSE_AFTER_CHECKPOINT=N (d
 the process sleeps after writing its N-th checkpoint, and the test kills it there.
 """
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import command, kill_when, no_partial_files, run, without_seconds
 
 from dppmg.io import read_json
 from dppmg.tokens import TokenCheckpoint
 
-REPO = Path(__file__).resolve().parents[1]
-TIMEOUT = 600  # seconds: generous, the machine is shared
-
-
-def command(tmp: Path, stage: str, run_name: str, *overrides: str) -> list[str]:
-    return [
-        sys.executable, "-m", "dppmg", stage, str(REPO / "configs" / "debug.yaml"), f"run_name={run_name}",
-        f"data.root={tmp / 'data'}", f"features.cache_dir={tmp / 'cache'}", f"runs_dir={tmp / 'runs'}",
-        *overrides,
-    ]  # fmt: skip
-
-
-def env(pause_after: int | None = None) -> dict[str, str]:
-    e = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    e.pop("DPPMG_TEST_PAUSE_AFTER_CHECKPOINT", None)
-    if pause_after is not None:
-        e["DPPMG_TEST_PAUSE_AFTER_CHECKPOINT"] = str(pause_after)
-    return e
-
-
-def run(cmd: list[str]) -> None:
-    r = subprocess.run(cmd, env=env(), cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, r.stderr[-3000:]
-
 
 def kill_after_checkpoint(cmd: list[str], n: int, ckpt: Path, done: Path) -> None:
     """Start `cmd`, wait until it pauses after its n-th checkpoint, SIGKILL it."""
-    proc = subprocess.Popen(
-        cmd, env=env(pause_after=n), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while not _paused(ckpt, n):
-            assert proc.poll() is None, f"exited before its checkpoint {n}: {proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
-        time.sleep(0.5)  # the checkpoint is renamed into place before the pause: nothing is written after it
-        assert proc.poll() is None
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert not done.exists()
+    kill_when(cmd, n, lambda: _paused(ckpt, n), done)
 
 
 def _paused(ckpt: Path, n: int) -> bool:
@@ -71,12 +29,6 @@ def _paused(ckpt: Path, n: int) -> bool:
     if isinstance(sd, dict):  # stage 1: checkpoint n is written after epoch n
         return sd["state"]["epoch"] >= n
     return len(sd.evals) + sd.iteration >= n  # stage 2: none, grounded, then one per RL iteration
-
-
-def no_partial_files(folder: Path) -> None:
-    """After a rerun nothing half-written is left: no temp files beside final ones, no staging folders."""
-    left = [p for p in folder.rglob(".*") if p.name.endswith(".tmp") or ".partial-" in p.name]
-    assert left == [], left
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +82,3 @@ def test_stage2_killed_mid_rl_resumes_to_the_same_result(straight):
     b = read_json(out / "metrics.json")
     assert a["heldout"] == b["heldout"]  # exact on CPU: every condition, every metric
     assert without_seconds(a["rl_history"]) == without_seconds(b["rl_history"])
-
-
-def without_seconds(obj):
-    """`obj` without its wall-clock entries (keys named "seconds"), which differ between any two runs."""
-    if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [without_seconds(v) for v in obj]
-    return obj

@@ -243,3 +243,64 @@ def test_valid_users_ranks_a_fixed_sample_of_users(finished):
     assert stage1_fingerprint(sampled, "h") != stage1_fingerprint(cfg, "h")
     with pytest.raises(DppmgError, match="stage1.valid_users must be >= 0"):
         cfg_for(tmp, "stage1.valid_users=-1")
+
+
+def faulty_batch_loss(monkeypatch, bad, kind: str = "loss") -> None:
+    """Make `_batch_loss` non-finite on the calls `bad(n)` picks (n from 1): a NaN loss ("loss") or a finite loss
+    with a NaN gradient ("grad")."""
+    real = train_mod.Stage1Trainer._batch_loss
+    calls = {"n": 0}
+
+    def batch_loss(self, *args, **kwargs):
+        parts = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if bad(calls["n"]):
+            p = next(self.model.parameters())
+            # sqrt(|0|) is 0 with an infinite slope: adds nothing to the loss, makes its gradient NaN (0 * inf)
+            fault = torch.tensor(float("nan")) if kind == "loss" else (0 * p.sum()).abs().sqrt()
+            parts["loss"] = parts["loss"] + fault
+        return parts
+
+    monkeypatch.setattr(train_mod.Stage1Trainer, "_batch_loss", batch_loss)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_a_non_finite_step_is_skipped_and_logged_and_training_continues(finished, monkeypatch, caplog, kind):
+    from dppmg.data.format import load_dataset
+
+    tmp, cfg, _ = finished
+    tr = train_mod.Stage1Trainer(
+        load_dataset(cfg.data.processed_dir), cfg_for(tmp, "stage1.batch_size=16").stage1, 0
+    )
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    faulty_batch_loss(monkeypatch, lambda n: n == 2, kind)  # one bad step among good ones
+    logs = tr.train_epoch(progress=False)
+    assert logs["train/skipped_steps"] == 1 and tr.skipped_in_a_row == 0
+    assert all(torch.isfinite(torch.tensor(float(v))) for v in logs.values())
+    after = list(tr.model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the good steps were applied
+    assert "skipped 1 of" in caplog.text and "non-finite loss or gradient" in caplog.text
+
+
+def test_repeated_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint(finished, monkeypatch):
+    tmp = finished[0]
+    cfg = cfg_for(tmp, "run_name=nan", "stage1.batch_size=16")
+    from dppmg.data.format import load_dataset
+
+    tr = train_mod.Stage1Trainer(load_dataset(cfg.data.processed_dir), cfg.stage1, 0)
+    steps = -(-len(tr.train_users) // tr.batch_size)  # per epoch: one BPR triple per training interaction
+    faulty_batch_loss(monkeypatch, lambda n: n > 2 * steps)  # from the first step of epoch 3 on
+    out = tmp / "runs" / "nan" / "stage1"
+    with pytest.raises(DppmgError) as e:
+        run_stage1(cfg, progress=False)
+    message = str(e.value)
+    for text in (
+        "stage 1 stopped in epoch 3", f"{train_mod.MAX_SKIPPED_IN_A_ROW} steps in a row",
+        "non-finite loss or gradient", f"the last good checkpoint, {out / 'checkpoint.pt'} (epoch 2), is kept",
+    ):  # fmt: skip
+        assert text in message, message
+    sd = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert sd["state"]["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in sd["model"].values() if v.is_floating_point())
+    assert not (out / "metrics.json").exists()

@@ -26,7 +26,7 @@ from dppmg.data.loaders import load_source
 from dppmg.data.processing import ProcessedTables, process
 from dppmg.data.raw import RawDataset
 from dppmg.errors import DppmgError
-from dppmg.io import commit_dir, finished_with, staging_dir, write_text
+from dppmg.io import commit_dir, exclusive_lock, finished_with, staging_dir, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
 
@@ -35,9 +35,23 @@ IMAGE_MODES = {"L": "grayscale", "RGBA": "transparent parts on white", "P": "pal
 
 
 def prepare(cfg: Config, progress: bool = True) -> Path:
-    """Build `cfg.data.processed_dir`; returns its path."""
+    """Build `cfg.data.processed_dir`; returns its path.
+
+    Building holds a lock beside the folder (`.<name>.lock`), so that a second process building the same dataset is
+    refused rather than removing the first one's staging folder. Finding it up to date takes no lock: a dataset on
+    a read-only disk can be used, and every rank of a multi-process run can look at once.
+    """
     final = cfg.data.processed_dir
     fingerprint = build_fingerprint(cfg)
+    if _up_to_date(cfg, final, fingerprint):
+        return final
+    with exclusive_lock(final.parent / f".{final.name}.lock", f"the processed dataset {final}"):
+        if not _up_to_date(cfg, final, fingerprint):  # another process may have finished it in between
+            _build(cfg, final, fingerprint, progress)
+    return final
+
+
+def _up_to_date(cfg: Config, final: Path, fingerprint: str) -> bool:
     if finished_with(
         final / "meta.json",
         "build_fingerprint",
@@ -47,10 +61,13 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         "data.name",
     ):
         logger.info("%s is up to date (same config and raw files); nothing to do", final)
-        return final
+        return True
     if not (final / "meta.json").is_file() and final.exists() and any(final.iterdir()):
         raise DppmgError(f"{final} exists but is not a processed dataset (no meta.json); move it away first")
+    return False
 
+
+def _build(cfg: Config, final: Path, fingerprint: str, progress: bool) -> None:
     t0 = time.perf_counter()
     staging = staging_dir(final)
     try:
@@ -76,7 +93,6 @@ def prepare(cfg: Config, progress: bool = True) -> Path:
         final, c["users"], c["items"], c["interactions"], c["train"], c["valid"], c["test"],
         "+".join(meta["modalities"]) or "none", meta["seconds"],
     )  # fmt: skip
-    return final
 
 
 def _write_dataset(

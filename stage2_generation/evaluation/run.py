@@ -29,8 +29,9 @@ from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, to_dict, to_yaml
 from dppmg.data.format import load_dataset
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, write_json, write_text
+from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
+from dppmg.runs import stage_lock
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint
 from dppmg.tracking import Tracker, build_tracker
@@ -79,12 +80,13 @@ class Evaluation:
 def run_eval(cfg: Config, progress: bool = True) -> Path:
     """Evaluate every configured method for `cfg.run_name`; returns runs/<run>/eval/."""
     start = time.perf_counter()
-    ev = _open(cfg, progress)
-    tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="eval")
-    try:
-        return _evaluate(ev, tracker, start, progress)
-    finally:
-        tracker.finish()
+    with stage_lock(cfg, "eval"):
+        ev = _open(cfg, progress)
+        tracker = build_tracker(cfg.tracking, cfg.run_dir, to_dict(cfg), job="eval")
+        try:
+            return _evaluate(ev, tracker, start, progress)
+        finally:
+            tracker.finish()
 
 
 def _evaluate(ev: Evaluation, tracker: Tracker, start: float, progress: bool) -> Path:
@@ -381,6 +383,7 @@ def _cached(
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.asarray(json.dumps(meta)), **arrays)
+    pause_after_checkpoint()  # every cached (method, seed) is a point an interrupted eval continues from
     return g, scores
 
 
