@@ -24,7 +24,14 @@ from dppmg.log import logger
 from stage2_generation.generators import image_shape
 from stage2_generation.policy import Pair, Policy
 from stage2_generation.prompts import target_separator
-from stage2_generation.training import IGNORE_INDEX, diffusion_loss, guarded_step, max_positions, text_batch
+from stage2_generation.training import (
+    IGNORE_INDEX,
+    SkipStreak,
+    diffusion_loss,
+    guarded_step,
+    max_positions,
+    text_batch,
+)
 
 
 def training_pairs(ds: ProcessedDataset, users: Sequence[int]) -> list[Pair]:
@@ -139,6 +146,7 @@ def fit(
     rng = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     skipped = 0
+    streak = SkipStreak(f"grounding {name}")
     start = time.perf_counter()
     bar = tqdm(range(steps), desc=f"grounding {name}", disable=not progress)
     for _ in bar:
@@ -148,7 +156,9 @@ def fit(
         [total] = sum_across(dist, [units])
         loss = share(dist, loss, units, total)
         [value] = sum_across(dist, [float(loss.detach())])
-        if not guarded_step(loss, params, optimizer, cfg.max_grad_norm, dist):
+        applied = guarded_step(loss, params, optimizer, cfg.max_grad_norm, dist)
+        streak.update(applied)
+        if not applied:
             skipped += 1
             continue
         losses.append(value)

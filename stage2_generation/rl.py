@@ -62,7 +62,7 @@ from stage2_generation.policy import (
     samples_to_uint8,
 )
 from stage2_generation.rewards import RewardResult, finite_mask, group_advantages
-from stage2_generation.training import guarded_step
+from stage2_generation.training import SkipStreak, guarded_step
 
 
 @dataclass
@@ -370,6 +370,7 @@ def _ppo(
     rng = torch.Generator().manual_seed(seed)
     position = {r: k for k, r in enumerate(range(n) if rows is None else rows)}
     updates = skipped = 0
+    streak = SkipStreak("RL")
     kls, clips = [], []
     stopped = False
     for _ in range(epochs):
@@ -379,7 +380,9 @@ def _ppo(
             if loss is not None:
                 loss = share(dist, loss, len(local), len(idx))
             finite = all_agree(dist, info is None or bool(info["finite"]))
-            if not finite or not guarded_step(loss, params, optimizer, cfg.max_grad_norm, dist):
+            applied = finite and guarded_step(loss, params, optimizer, cfg.max_grad_norm, dist)
+            streak.update(applied)
+            if not applied:
                 skipped += 1
                 logger.warning("RL: skipped an update with a non-finite loss or gradient")
                 continue

@@ -24,6 +24,9 @@ from stage2_generation.generators import encode_prompts
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and so every HF causal LM) skips
 # loss_first / loss_last average this share of the steps: one diffusion step's loss is noisy.
 LOSS_WINDOW = 0.1
+MAX_SKIPPED_IN_A_ROW = (
+    10  # optimizer steps skipped in a row (non-finite loss or gradient) before stage 2 gives up
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -216,3 +219,25 @@ def loss_summary(losses: list[float], seconds: float) -> dict[str, float]:
         "seconds": seconds,
         "steps": len(losses),
     }
+
+
+class SkipStreak:
+    """Counts optimizer steps skipped in a row; `MAX_SKIPPED_IN_A_ROW` of them stop the run with a DppmgError.
+
+    One skipped step is a bad batch; ten in a row mean the parameters or the losses are not coming back, and going
+    on would only burn time. Stage 2's checkpoint is written after every phase and RL iteration, so stopping here
+    keeps the last good one, and a rerun (after lowering the learning rate, say) resumes from it.
+    """
+
+    def __init__(self, where: str, limit: int = MAX_SKIPPED_IN_A_ROW):
+        self.where, self.limit, self.count = where, limit, 0
+
+    def update(self, applied: bool) -> None:
+        self.count = 0 if applied else self.count + 1
+        if self.count >= self.limit:
+            raise DppmgError(
+                f"{self.where}: {self.count} optimizer steps in a row had a non-finite loss or gradient, so stage 2 "
+                "stopped. Its last checkpoint (stage2/checkpoint.pt, written after the last finished phase or RL "
+                "iteration) is kept and a rerun resumes from it; a lower learning rate (stage2.grounding.lr, "
+                "stage2.rl.lr_text, stage2.rl.lr_image) is the usual fix"
+            )

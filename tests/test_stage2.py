@@ -198,6 +198,30 @@ def test_a_non_finite_update_is_skipped_and_changes_nothing(world):
     assert torch.equal(p.detach(), torch.ones(3))
 
 
+def test_repeated_non_finite_steps_stop_grounding_and_rl_with_a_clear_error():
+    from stage2_generation import grounding as grounding_mod
+    from stage2_generation.training import MAX_SKIPPED_IN_A_ROW, SkipStreak
+
+    cfg = load_config(REPO / "configs" / "debug.yaml")
+    streak = SkipStreak("here", limit=3)
+    for applied in (False, False, True, False, False):  # an applied step resets the count
+        streak.update(applied)
+    with pytest.raises(DppmgError, match="here: 3 optimizer steps in a row"):
+        streak.update(False)
+
+    p = torch.nn.Parameter(torch.ones(3))
+    nan = lambda *_: ((p * float("nan")).sum(), 1)  # noqa: E731
+    with pytest.raises(
+        DppmgError, match=f"grounding text: {MAX_SKIPPED_IN_A_ROW} optimizer steps.*checkpoint"
+    ):
+        grounding_mod.fit("text", nan, [p], 4, cfg.stage2.grounding, 50, 2, 0, False)
+    bad = lambda idx: ((p * float("nan")).sum(), {"approx_kl": 0.0, "clipfrac": 0.0, "finite": False})  # noqa: E731
+    opt = torch.optim.AdamW([p], lr=0.1)
+    with pytest.raises(DppmgError, match="RL: 10 optimizer steps in a row"):
+        rl_mod._ppo(20, 4, cfg.stage2.rl, 0, bad, [p], opt)
+    assert torch.equal(p.detach(), torch.ones(3))  # nothing was applied on the way
+
+
 def test_heldout_pairs_are_the_heldout_users_test_items(world, components):
     _, cfg = world
     ds = components.ds
