@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dppmg.config import Config, to_yaml
+from dppmg.distributed import Dist, init_distributed, shutdown
 from dppmg.io import exclusive_lock, finished_with, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
@@ -47,3 +48,14 @@ def stage_lock(cfg: Config, stage: str, main: bool = True) -> Iterator[None]:
         return
     with exclusive_lock(cfg.run_dir / stage / LOCK_FILE, f"run {cfg.run_name!r}, {stage}"):
         yield
+
+
+@contextmanager
+def distributed_stage(cfg: Config, stage: str, device: str) -> Iterator[Dist]:
+    """The process group a launcher describes (or one process), with rank 0 holding the stage's lock, for the block."""
+    dist = init_distributed(device)
+    try:
+        with stage_lock(cfg, stage, dist.main):
+            yield dist
+    finally:
+        shutdown(dist)

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from dppmg.config import Config, Stage1Config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
 from dppmg.device import resolve_device
-from dppmg.distributed import Dist, all_agree, barrier, broadcast_flag, init_distributed, shutdown
+from dppmg.distributed import Dist, all_agree, barrier, broadcast_flag
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json
 from dppmg.log import logger
-from dppmg.runs import begin_stage, stage_lock
+from dppmg.runs import begin_stage, distributed_stage
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, code_counts, save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import NoOpTracker, Tracker, build_tracker, log_code_usage
@@ -362,12 +362,8 @@ def run_stage1(cfg: Config, progress: bool = True) -> Path:
     Under torchrun, every process trains on its share of each batch (`Stage1Trainer.train_epoch`) and rank 0
     alone prepares the data, writes checkpoints and outputs, shows progress and tracks the run.
     """
-    dist = init_distributed(cfg.stage1.device)
-    try:
-        with stage_lock(cfg, "stage1", dist.main):
-            return _run_stage1(cfg, progress and dist.main, dist)
-    finally:
-        shutdown(dist)
+    with distributed_stage(cfg, "stage1", cfg.stage1.device) as dist:
+        return _run_stage1(cfg, progress and dist.main, dist)
 
 
 def _run_stage1(cfg: Config, progress: bool, dist: Dist) -> Path:

@@ -43,14 +43,12 @@ from dppmg.distributed import (
     check_replicas,
     gather,
     gather_rows,
-    init_distributed,
     main_first,
-    shutdown,
 )
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
-from dppmg.runs import begin_stage, stage_lock
+from dppmg.runs import begin_stage, distributed_stage
 from dppmg.scorer import Scorer
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, nearest_ids_hint
@@ -304,12 +302,8 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
     `ground`, `rl_iteration`) and rank 0 alone prepares the data, warm-starts the generators first, writes
     checkpoints and outputs, shows progress and tracks the run.
     """
-    dist = init_distributed(cfg.stage2.generators.device)
-    try:
-        with stage_lock(cfg, "stage2", dist.main):
-            return _run_stage2(cfg, progress and dist.main, dist)
-    finally:
-        shutdown(dist)
+    with distributed_stage(cfg, "stage2", cfg.stage2.generators.device) as dist:
+        return _run_stage2(cfg, progress and dist.main, dist)
 
 
 def _run_stage2(cfg: Config, progress: bool, dist: Dist) -> Path:
