@@ -351,9 +351,12 @@ class TokenCheckpoint:
 
     def user_tokens(self, user_idx: int, modality: str) -> list[str]:
         """The user's token strings for a modality, one per level, e.g. ["<pt_0_17>", "<pt_1_3>"]."""
+        return self.code_tokens(modality, self.codes[modality][self.user_index(user_idx)].tolist())
+
+    def code_tokens(self, modality: str, codes: Sequence[int]) -> list[str]:
+        """The token strings of one code per level: [3, 0] → ["<pt_0_3>", "<pt_1_0>"]."""
         prefix = self.prefix(modality)
-        row = self.codes[modality][self.user_index(user_idx)].tolist()
-        return [token_string(prefix, level, code) for level, code in enumerate(row)]
+        return [token_string(prefix, level, code) for level, code in enumerate(codes)]
 
     def user_prompt(self, user_idx: int, modality: str) -> str:
         """The user's tokens joined without spaces, ready to put in a prompt: "<pt_0_17><pt_1_3>"."""
@@ -376,11 +379,7 @@ class TokenCheckpoint:
 
     def population_prompt(self, modality: str, users: Sequence[int] | None = None) -> str:
         """`population_codes` as a prompt, like `user_prompt`: "<pt_0_3><pt_1_0>"."""
-        prefix = self.prefix(modality)
-        return "".join(
-            token_string(prefix, level, code)
-            for level, code in enumerate(self.population_codes(modality, users))
-        )
+        return "".join(self.code_tokens(modality, self.population_codes(modality, users)))
 
     def decoded(self, modality: str) -> torch.Tensor:
         """The users' vectors as the tokens encode them: the sum over levels of the chosen codes. [U, d]"""
