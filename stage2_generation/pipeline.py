@@ -307,13 +307,12 @@ def run_stage2(cfg: Config, progress: bool = True) -> Path:
 
 
 def _run_stage2(cfg: Config, progress: bool, dist: Dist) -> Path:
-    with main_first(dist):  # the others find the link rank 0 made
-        link_stage1(cfg)
-    tokens_dir = tokens_folder(cfg)
     from dppmg.data.prepare import prepare
 
     check_world(cfg, dist.world)
-    with main_first(dist):  # the others find the dataset up to date
+    with main_first(dist):  # the others find the stage-1 link rank 0 made, and the dataset up to date
+        link_stage1(cfg)
+        tokens_dir = tokens_folder(cfg)
         dataset = prepare(cfg, progress=progress)
     content_hash = str(load_dataset(dataset, features=False).meta["content_hash"])
     ckpt = TokenCheckpoint.load(tokens_dir)
