@@ -20,6 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from dppmg.errors import DppmgError
 
 IMAGE_ENCODERS = ("scorer", "efficientnet-lite0")  # features.image_encoder (dppmg/image_encoder.py)
+# stage2.generation.image_judge_reference: the real images the judge compares with, at full size or at the
+# generation shape (stage2_generation/judges.py)
+JUDGE_REFERENCES = ("full", "shape")
 # Mappings that a source replaces, where OmegaConf would merge them into the defaults: a reward ablation
 # `stage2.rl.weights={consistency: 1.0}` must leave one term, not add it to the four default ones.
 REPLACED_MAPPINGS = ("stage2.rl.weights",)
@@ -393,6 +396,12 @@ class GenerationConfig:
     # scorer): similarity to the user's history images and to the target image in its feature space, plus SSIM.
     # null: no judge (the synthetic world has its attribute judge). "efficientnet-lite0" ships offline.
     image_judge: str | None = None
+    # Cosines in the catalogue-centred feature space (the mean item-image feature subtracted first). Raw cosines
+    # of pooled CNN features share a large common direction, and at 32 x 48 they could not tell a user's own next
+    # poster from a random one (liked - random +0.0002 [-0.0046, +0.0052] on the last 5 history posters); centred,
+    # +0.0058 [+0.0018, +0.0100] (benchmarks/judge_headroom.py; BENCHMARKS.md, "The EfficientNet judge's headroom").
+    image_judge_centered: bool = True
+    image_judge_reference: str = "full"  # full: the real images at full size | shape: at the generation shape
 
 
 @dataclass
@@ -695,6 +704,7 @@ def _validate_stage2(s2: Stage2Config) -> None:
     _choice("stage2.rl.advantage", r.advantage, ADVANTAGE_KINDS)
     if gen.image_judge is not None:
         _choice("stage2.generation.image_judge", gen.image_judge, IMAGE_ENCODERS[1:])
+    _choice("stage2.generation.image_judge_reference", gen.image_judge_reference, JUDGE_REFERENCES)
     if not 0 < g.typical_share <= 1:
         raise DppmgError(
             f"stage2.grounding.typical_share must be in (0, 1] (1 grounds on every interaction), "

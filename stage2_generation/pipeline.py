@@ -179,7 +179,8 @@ def build_judges(cfg: Config, c: Components, progress: bool = True) -> Judges:
     if cfg.stage2.generation.image_judge is not None:
         image_judge = ImageJudge.build(
             ds, cfg.stage2.generation.image_judge, image_shape(c.policy.gen.pipe), cfg.features.cache_dir,
-            cfg.features.device, progress,
+            cfg.features.device, progress, reference=cfg.stage2.generation.image_judge_reference,
+            centered=cfg.stage2.generation.image_judge_centered,
         )  # fmt: skip
     return Judges(c.rewarder, fit_judge(ds, seed=cfg.seed), image_judge)
 

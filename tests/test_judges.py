@@ -1,5 +1,7 @@
 """The image judge: encoder similarity and SSIM to the history (last 5 and all) and to the target, per pair."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,54 @@ def test_the_number_of_images_must_match_the_pairs(encoder):
     judge = judge_for(encoder, pixels, {0: np.array([0])})
     with pytest.raises(ValueError, match="2 images for 1 pairs"):
         judge([Pair(0, "x", 0)], pixels[:2])
+
+
+def test_centering_subtracts_the_catalogue_mean_from_real_and_generated_features(encoder):
+    pixels = catalogue(8, seed=3)
+    features = encoder.encode(pixels)
+    centered = ImageJudge(
+        encoder, features, pixels, np.ones(8, dtype=bool), {0: np.array([1, 2])}, centered=True
+    )
+    mean = features.mean(0)
+    want = (features - mean) / np.linalg.norm(features - mean, axis=1, keepdims=True)
+    np.testing.assert_allclose(centered.item_features.numpy(), want, atol=1e-5)
+    out = centered([Pair(0, "x", 1)], pixels[[1]])
+    # A copy of the target still scores 1, and the history mean is the centred cosine, not the raw one.
+    assert out["judge_target"][0] == pytest.approx(1.0, abs=1e-4)
+    assert out["judge_history_all"][0] == pytest.approx(float((want[[1, 2]] @ want[1]).mean()), abs=1e-4)
+    raw = judge_for(encoder, pixels, {0: np.array([1, 2])})([Pair(0, "x", 1)], pixels[[1]])
+    assert out["judge_history_all"][0] < raw["judge_history_all"][0]  # raw cosines share the catalogue's mean
+
+
+def test_the_judge_can_encode_real_images_at_the_generation_shape(tmp_path, monkeypatch):
+    """reference="shape": the real images are encoded from the same pixels the judge holds at the generation
+    shape (as a generated image is), instead of at full size; an unknown reference is refused by name."""
+    from dppmg.config import load_config
+    from dppmg.data.format import load_dataset
+    from dppmg.data.prepare import prepare
+    from dppmg.errors import DppmgError
+    from stage2_generation import judges as judges_mod
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(
+        repo / "configs" / "debug.yaml",
+        [f"data.root={tmp_path / 'data'}", f"features.cache_dir={tmp_path / 'c'}"],
+    )
+    ds = load_dataset(prepare(cfg, progress=False))
+    stand_in = EfficientNetEncoder(weights=None, input_side=32)
+    monkeypatch.setattr(judges_mod, "build_image_encoder", lambda name, device="cpu": stand_in)
+    full = ImageJudge.build(ds, "efficientnet-lite0", SHAPE, tmp_path / "c", progress=False)
+    small = ImageJudge.build(
+        ds, "efficientnet-lite0", SHAPE, tmp_path / "c", progress=False, reference="shape"
+    )
+    rows = np.flatnonzero(small.has_image)
+    np.testing.assert_allclose(
+        small.item_features[rows].numpy(), stand_in.encode(small.item_pixels[rows]), atol=1e-5
+    )
+    assert not np.allclose(full.item_features[rows].numpy(), small.item_features[rows].numpy(), atol=1e-3)
+    # A real image at the generation shape is now an exact copy for the judge: its target score is 1.
+    item = int(rows[0])
+    out = small([Pair(0, "x", item)], small.item_pixels[[item]])
+    assert out["judge_target"][0] == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(DppmgError, match="reference must be one of"):
+        ImageJudge.build(ds, "efficientnet-lite0", SHAPE, tmp_path / "c", progress=False, reference="half")
