@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import StringNode
 
 from dppmg.errors import DppmgError
 
@@ -781,7 +782,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise DppmgError(f"command-line override {item!r} is not of the form key=value")
     for item in overrides:  # one at a time: a later item may replace a mapping an earlier one edited
         try:
-            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), assigned=item.split("=", 1)[0])
+            key, text = item.split("=", 1)
+            source = OmegaConf.from_dotlist([item])
+            parsed = OmegaConf.select(source, key)
+            # A string field takes the text as written: run_name=off stays "off", not YAML's False, and 007
+            # stays "007"; null still clears an optional one.
+            if isinstance(parsed, bool | int | float) and _is_string_field(cfg, key):
+                source = OmegaConf.create({})
+                OmegaConf.update(source, key, text)
+            cfg = _merge(cfg, source, assigned=key)
         except OmegaConfBaseException as e:
             raise DppmgError(f"command line: {_describe(e)}") from None
     try:
@@ -790,6 +799,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise DppmgError(f"config: {_describe(e)}") from None
     assert isinstance(obj, Config)
     return obj.validate()
+
+
+def _is_string_field(cfg: DictConfig, key: str) -> bool:
+    """Whether `key` names a string field of the structured config (its override's text is then taken as is)."""
+    node: Any = cfg
+    *parents, leaf = key.split(".")
+    for part in parents:
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return False
+    return isinstance(node._get_node(leaf), StringNode)
 
 
 def _merge(cfg: DictConfig, source: DictConfig, assigned: str = "") -> DictConfig:

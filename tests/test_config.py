@@ -125,3 +125,12 @@ def test_config_imports_no_stage_package():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_string_field_takes_an_override_as_written():
+    # YAML would read off as False and 007 as 7; a string field keeps the text, and null still clears one.
+    assert load_config(None, ["run_name=off"]).run_name == "off"
+    assert load_config(None, ["run_name=007", "data.name=yes"]).run_name == "007"
+    assert load_config(None, ["data.name=yes"]).data.name == "yes"
+    assert load_config(None, ["stage2.generation.image_judge=null"]).stage2.generation.image_judge is None
+    assert load_config(None, ["stage1.dim=32"]).stage1.dim == 32  # other fields are parsed as before
