@@ -77,7 +77,7 @@ class ImageJudge:
         centered: bool = False,
     ):
         self.encoder = encoder
-        self.has_image = np.asarray(has_image, dtype=bool)
+        self.has_image = np.array(has_image, dtype=bool)  # a copy: never read-only
         features = torch.from_numpy(np.array(item_features, dtype=np.float32))  # a copy: never read-only
         self.center = features[torch.from_numpy(self.has_image)].mean(0) if centered else None
         self.item_features = self._recenter(features)
