@@ -5,11 +5,14 @@
 Needs ../shared/data/ml-latest-small and its posters, and `make models` (SmolLM2, EfficientNet-Lite0).
 
 Part `stage1`, in one process on the same split with the same metric code, over several seeds (`--seeds`):
-  ours text / image / both   the stage-1 model as `make stage1` trains it, with stage1.modalities set and the L2
-                             weight picked from a small grid by the mean validation Recall@20 over the seeds
+  ours text / image / both   the stage-1 model as `make stage1` trains it (the config's history encoder and
+                             softmax loss), with stage1.modalities set and the L2 weight picked from a small grid
+                             by the mean validation Recall@20 over the seeds
+  ours, graph encoder        both modalities with the graph encoder and BPR (the model before the history
+                             encoder; ablation), its L2 weight picked the same way
   PyG LightGCN               torch_geometric's LightGCN trained to convergence: all of 200 epochs, the test
-                             metrics of the best validation epoch, with learning rate and L2 weight picked from a
-                             small grid the same way
+                             metrics of the best validation epoch, with its loss (its authors' BPR, or the softmax
+                             ours uses), learning rate and L2 weight picked from a small grid the same way
 and prints the mean Recall@20 (continuous and token-decoded users) with its ratio to LightGCN, and the genre-
 recovery probe of the tokens (stage1/metrics.json `keyword_recovery`). One test item per user on 601 users makes a
 single run's Recall@20 uncertain by about ±0.013, which is why every row is a mean over seeds.
@@ -40,10 +43,14 @@ DPPMG = [sys.executable, "-m", "dppmg"]
 BUDGET_SECONDS = 45 * 60
 BUDGET_GB = 8.0
 LIGHTGCN_EPOCHS = 200
-LIGHTGCN_GRID = {"lr": [1e-3, 5e-3], "reg_weight": [1e-4, 1e-3]}
+LIGHTGCN_GRID = {"loss": ["bpr", "softmax"], "lr": [1e-3, 5e-3], "reg_weight": [1e-4, 1e-3]}
 OURS_REG_GRID = (1e-4, 1e-3)  # stage1.reg_weight; lr stays the config's
 TARGET_RATIO = 1.15
 TARGET_QUANTIZED = 0.95
+GRAPH_ENCODER = [
+    "stage1.user_encoder=graph",
+    "stage1.loss=bpr",
+]  # the ablation row: stage 1 before the history encoder
 
 
 def stage1_part(overrides: list[str], seeds: list[int]) -> None:
@@ -62,10 +69,11 @@ def stage1_part(overrides: list[str], seeds: list[int]) -> None:
           f"{len(ds.split('train')):,} train interactions; seeds {seeds}; outputs in {tmp}", flush=True)  # fmt: skip
 
     def stage1(name: str, modalities: str, reg: float, seed: int) -> dict:
+        extra = GRAPH_ENCODER if name == "graph encoder" else []
         run_cfg = load_config(
             CONFIG,
-            [*base, f"run_name={name}-{reg:g}-{seed}", f"stage1.modalities={modalities}", f"stage1.seed={seed}",
-             f"stage1.reg_weight={reg}"],
+            [*base, f"run_name={name.replace(' ', '-')}-{reg:g}-{seed}", f"stage1.modalities={modalities}",
+             f"stage1.seed={seed}", f"stage1.reg_weight={reg}", *extra],
         )  # fmt: skip
         start = time.perf_counter()
         m = json.loads((run_stage1(run_cfg, progress=False) / "metrics.json").read_text())
@@ -79,7 +87,9 @@ def stage1_part(overrides: list[str], seeds: list[int]) -> None:
     # and reported by its mean test Recall@20 (one seed's validation is too noisy to choose by). Same for LightGCN.
     ours: dict[str, list[dict]] = {}
     chosen_reg: dict[str, float] = {}
-    for name, modalities in (("text", "[text]"), ("image", "[image]"), ("both", "[text,image]")):
+    for name, modalities in (
+        ("text", "[text]"), ("image", "[image]"), ("both", "[text,image]"), ("graph encoder", "[text,image]")
+    ):  # fmt: skip
         grid = {reg: [stage1(name, modalities, reg, s) for s in seeds] for reg in OURS_REG_GRID}
         chosen_reg[name] = max(grid, key=lambda r: _mean([m["best_valid_recall@20"] for m in grid[r]]))
         ours[name] = grid[chosen_reg[name]]
@@ -87,21 +97,24 @@ def stage1_part(overrides: list[str], seeds: list[int]) -> None:
             print(f"  ours ({name}) reg {reg:g}: mean valid {_mean([m['best_valid_recall@20'] for m in runs]):.4f}, "
                   f"mean test {_mean([m['recall@20'] for m in runs]):.4f}", flush=True)  # fmt: skip
 
-    def lightgcn(lr: float, reg: float, seed: int) -> dict:
+    def lightgcn(loss: str, lr: float, reg: float, seed: int) -> dict:
         r = train_lightgcn(
             ds, dim=s1.dim, layers=s1.layers, epochs=LIGHTGCN_EPOCHS, batch_size=s1.batch_size, lr=lr,
-            reg_weight=reg, seed=seed, ks=[20], patience=LIGHTGCN_EPOCHS, sparse_adjacency=True,
+            reg_weight=reg, seed=seed, ks=[20], patience=LIGHTGCN_EPOCHS, sparse_adjacency=True, loss=loss,
         )  # fmt: skip
-        print(f"  PyG LightGCN lr {lr:g} reg {reg:g} seed {seed}: valid {r['best_valid_recall@20']:.4f} at epoch "
-              f"{r['best_epoch']}/{LIGHTGCN_EPOCHS}, test recall@20 {r['recall@20']:.4f}", flush=True)  # fmt: skip
+        print(f"  PyG LightGCN {loss} lr {lr:g} reg {reg:g} seed {seed}: valid {r['best_valid_recall@20']:.4f} at "
+              f"epoch {r['best_epoch']}/{LIGHTGCN_EPOCHS}, test recall@20 {r['recall@20']:.4f}", flush=True)  # fmt: skip
         return r
 
     grid = {k: [lightgcn(*k, s) for s in seeds] for k in itertools.product(*LIGHTGCN_GRID.values())}
-    lr, reg = max(grid, key=lambda k: _mean([r["best_valid_recall@20"] for r in grid[k]]))
-    baseline = grid[lr, reg]
+    for (loss, lr, reg), runs in grid.items():
+        print(f"  PyG LightGCN {loss} lr {lr:g} reg {reg:g}: mean valid {_mean([r['best_valid_recall@20'] for r in runs]):.4f}, "
+              f"mean test {_mean([r['recall@20'] for r in runs]):.4f}", flush=True)  # fmt: skip
+    loss, lr, reg = max(grid, key=lambda k: _mean([r["best_valid_recall@20"] for r in grid[k]]))
+    baseline = grid[loss, lr, reg]
     ref = _mean([r["recall@20"] for r in baseline])
 
-    print(f"\nPyG LightGCN, the grid's best by validation (lr {lr:g}, reg {reg:g}; best epochs "
+    print(f"\nPyG LightGCN, the grid's best by validation ({loss}, lr {lr:g}, reg {reg:g}; best epochs "
           f"{[r['best_epoch'] for r in baseline]} of {LIGHTGCN_EPOCHS}): test recall@20 {_spread([r['recall@20'] for r in baseline])}\n")  # fmt: skip
     print("Means over the seeds (min–max in brackets):\n")
     print("| model | recall@20 | vs LightGCN | tokens recall@20 | tokens vs LightGCN | tokens / continuous |")

@@ -152,6 +152,17 @@ class Stage1Config:
     # >0: weight each train edge by 2^(-r / h), r its rank from the end of the user's history (0 = most recent),
     # so propagation leans on what a user watched lately (leave-last-out tests the next item). 0 = binary edges.
     recency_halflife: float = 0.0
+    # How a branch's user vector is made. graph: a free user embedding propagated over the user–item graph
+    # (LightGCN). history: the recency-weighted mean of the branch's vectors of the user's history_length latest
+    # train items (2^(-r / history_halflife) for the r-th latest), trained to predict every history's next item
+    # from the items before it (stage1_preference/history.py). Leave-last-out tests the next item, which the
+    # history encoder models and the graph encoder does not (BENCHMARKS.md, "Stage 1: the history encoder").
+    user_encoder: str = "graph"
+    history_length: int = 10
+    history_halflife: float = 3.0
+    # bpr: one sampled negative per positive. softmax: cross-entropy over every item (memory batch × items; for
+    # catalogues up to some tens of thousands of items).
+    loss: str = "bpr"
     # Modal specificity: remove from the text features what the image features predict (item text that
     # describes the picture would otherwise leak visual taste into the text tokens). Needs both modalities.
     text_specific: bool = True
@@ -549,7 +560,12 @@ class Config:
         _choice("tracking.mode", self.tracking.mode, ("auto", "online", "offline", "disabled"))
         for m in st.modalities:
             _choice("stage1.modalities", m, ("text", "image"))
-        for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every"):
+        _choice("stage1.user_encoder", st.user_encoder, ("graph", "history"))
+        _choice("stage1.loss", st.loss, ("bpr", "softmax"))
+        if st.history_halflife <= 0:
+            raise DppmgError(f"stage1.history_halflife must be > 0, got {st.history_halflife}")
+        for key in ("dim", "layers", "epochs", "batch_size", "vq_levels", "vq_codebook_size", "eval_every",
+                    "history_length"):  # fmt: skip
             if getattr(st, key) < 1:
                 raise DppmgError(f"stage1.{key} must be >= 1, got {getattr(st, key)}")
         for key in ("vq_users_per_step", "valid_users"):

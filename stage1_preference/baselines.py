@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn.models import LightGCN
 from torch_geometric.utils import to_torch_csr_tensor
@@ -102,9 +103,12 @@ class PygLightGCN(nn.Module):
         layers: int,
         sparse_adjacency: bool = False,
         edge_weight: np.ndarray | None = None,
+        loss: str = "bpr",
     ):
         super().__init__()
-        self.num_users, self.num_items = num_users, num_items
+        if loss not in ("bpr", "softmax"):
+            raise DppmgError(f"LightGCN's loss must be bpr or softmax, got {loss!r}")
+        self.num_users, self.num_items, self.loss_kind = num_users, num_items, loss
         self.model = LightGCN(num_users + num_items, dim, layers)
         u = torch.tensor(train_users, dtype=torch.long)  # copies: arrays read from parquet are read-only
         i = torch.tensor(train_items, dtype=torch.long) + num_users
@@ -127,8 +131,13 @@ class PygLightGCN(nn.Module):
         return out[: self.num_users], out[self.num_users :]
 
     def loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, reg_weight: float) -> torch.Tensor:
-        """PyG's recommendation_loss: mean BPR + reg_weight · ||layer-0 rows of the batch||² / B."""
+        """PyG's recommendation_loss: mean BPR + reg_weight · ||layer-0 rows of the batch||² / B; or, with
+        loss="softmax", cross-entropy of the positive over every item with the same L2 on (user, positive)."""
         users, items = self.embeddings()
+        if self.loss_kind == "softmax":
+            node_id = torch.cat([u, pos + self.num_users])
+            reg = self.model.embedding.weight[node_id].norm(p=2).pow(2) / len(u)
+            return F.cross_entropy(users[u] @ items.T, pos) + reg_weight * reg
         pos_rank = (users[u] * items[pos]).sum(-1)
         neg_rank = (users[u] * items[neg]).sum(-1)
         node_id = torch.cat([u, pos + self.num_users, neg + self.num_users])
@@ -235,8 +244,12 @@ def train_lightgcn(
     progress: bool = False,
     sparse_adjacency: bool = False,
     recency_halflife: float = 0.0,
+    loss: str = "bpr",
 ) -> dict[str, Any]:
     """Train torch_geometric's LightGCN and return its test metrics at the best validation epoch.
+
+    loss="softmax" trains it with stage 1's `stage1.loss=softmax` instead of its authors' BPR, so that a
+    comparison can give the baseline the same objective.
 
     recency_halflife > 0 weights its edges as stage 1's `stage1.recency_halflife` does (not LightGCN's own
     design: the benchmarks use it to show how much of a gain recency alone explains).
@@ -248,7 +261,9 @@ def train_lightgcn(
         weight = recency_weights(users, train["timestamp"].to_numpy(), recency_halflife)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PygLightGCN(ds.num_users, ds.num_items, users, items, dim, layers, sparse_adjacency, weight)
+        model = PygLightGCN(
+            ds.num_users, ds.num_items, users, items, dim, layers, sparse_adjacency, weight, loss=loss
+        )
     return fit_ranker(model, ds, epochs, batch_size, lr, reg_weight, seed, ks, patience, device, progress)
 
 

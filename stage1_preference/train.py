@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dppmg.config import Config, Stage1Config, to_dict
@@ -36,7 +37,17 @@ from dppmg.tracking import NoOpTracker, Tracker, build_tracker, log_code_usage
 from stage1_preference.evaluate import full_ranking_metrics, keyword_recovery, preference_recovery
 from stage1_preference.features import residualize
 from stage1_preference.graph import build_knn_graph, build_norm_adj, recency_weights
-from stage1_preference.model import Embeddings, ModalGNN, bpr_loss, l2_penalty, sample_bpr, score
+from stage1_preference.history import build_histories, pool_history, recency_kernel
+from stage1_preference.model import (
+    Embeddings,
+    ModalGNN,
+    bpr_loss,
+    l2_penalty,
+    pair_keys,
+    sample_bpr,
+    score,
+    score_all,
+)
 from stage1_preference.quantizer import (
     PreferenceQuantizer,
     codebook_usage,
@@ -83,6 +94,16 @@ class Stage1Trainer:
             np.int64, copy=True
         )  # writable: torch shares the memory
         self.train_items = train["item_idx"].to_numpy(np.int64, copy=True)
+        # The history encoder (stage1.user_encoder=history) trains on next-item examples, not on the edges.
+        self.histories, self.user_contexts = None, None
+        if cfg.user_encoder == "history":
+            self.histories = build_histories(
+                self.train_users, self.train_items, train["timestamp"].to_numpy(), ds.num_users,
+                cfg.history_length,
+            )  # fmt: skip
+            self.user_contexts = torch.from_numpy(self.histories.user_contexts).to(self.device)
+            self.kernel = recency_kernel(cfg.history_length, cfg.history_halflife).to(self.device)
+            self.train_keys = pair_keys(self.train_users, self.train_items, ds.num_items)
         weights = None
         if cfg.recency_halflife > 0:
             weights = torch.from_numpy(
@@ -134,7 +155,8 @@ class Stage1Trainer:
         Every step propagates the whole graph (O(E)), so with a fixed batch an epoch costs O(E²/batch); bounding
         the steps keeps it O(E) on large graphs. Small datasets never reach the bound.
         """
-        n, cap = len(self.train_users), self.cfg.max_steps_per_epoch
+        n = len(self.train_users) if self.histories is None else len(self.histories.targets)
+        cap = self.cfg.max_steps_per_epoch
         return max(self.cfg.batch_size, -(-n // cap)) if cap > 0 else self.cfg.batch_size
 
     # ---- phases -------------------------------------------------------------------------------
@@ -147,7 +169,7 @@ class Stage1Trainer:
         """k-means initialisation sees every user's vector at once (it initialises on its first batch)."""
         self.model.eval()
         with torch.no_grad():
-            emb = self.model(self.adj)
+            emb = self._with_user_vectors(self.model(self.adj))
             self.quantizer.train()
             for m in self.modalities:
                 self.quantizer(m, emb.users[m])
@@ -158,10 +180,19 @@ class Stage1Trainer:
             self._init_quantizer()
         self.model.train()
         self.quantizer.train()
-        u, pos, neg = sample_bpr(self.train_users, self.train_items, self.ds.num_items, self.rng)
+        ctx = None
+        if self.histories is None:  # graph encoder: every train edge is a positive
+            u, pos, neg = sample_bpr(self.train_users, self.train_items, self.ds.num_items, self.rng)
+        else:  # history encoder: every next-item example, with the items before it as its context
+            h = self.histories
+            u, pos, neg = sample_bpr(h.example_users, h.targets, self.ds.num_items, self.rng, self.train_keys)
+            ctx = torch.from_numpy(h.contexts)
         order = torch.from_numpy(self.rng.permutation(len(u)))
         u, pos, neg = u[order].to(self.device), pos[order].to(self.device), neg[order].to(self.device)
-        totals = {"loss": 0.0, "bpr": 0.0, "bpr_quantized": 0.0, "vq": 0.0}
+        if ctx is not None:
+            ctx = ctx[order].to(self.device)
+        term = self.cfg.loss  # the ranking term's name in the logs: bpr or softmax
+        totals = {"loss": 0.0, term: 0.0, f"{term}_quantized": 0.0, "vq": 0.0}
         batch = self.batch_size
         steps = range(0, len(u), batch)
         # Every process draws the same triples (same seed); with many, each takes every world-th row of a batch,
@@ -173,8 +204,12 @@ class Stage1Trainer:
             # A share's mean, weighted by its share of the batch (the last batch may not split evenly), so that
             # DDP's average of the gradients is the gradient of the whole batch's mean.
             share = world * len(range(*sl.indices(len(u)))) / len(range(start, min(start + batch, len(u))))
+            contexts = None
+            if ctx is not None:  # the whole batch's contexts, and which of its rows are this process's share
+                whole = ctx[start : start + batch]
+                contexts = (whole, torch.arange(rank, len(whole), world, device=whole.device))
             parts = self._batch_loss(
-                u[sl], pos[sl], neg[sl], batch_users=u[start : start + batch], share=share
+                u[sl], pos[sl], neg[sl], batch_users=u[start : start + batch], share=share, contexts=contexts
             )
             if not self._guarded_step(parts["loss"]):
                 skipped += 1
@@ -236,50 +271,89 @@ class Stage1Trainer:
         neg: torch.Tensor,
         batch_users: torch.Tensor | None = None,
         share: float = 1.0,
+        contexts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss of the rows (u, pos, neg). Under torchrun this process holds a share of the batch:
         `batch_users` are the whole batch's users, so that every process quantizes the same users, and `share`
-        (processes × share rows / batch rows) weights the terms that are means over this share's rows."""
+        (processes × share rows / batch rows) weights the terms that are means over this share's rows.
+
+        With the history encoder, `contexts` is (the whole batch's contexts [B, L], the batch rows of this
+        share): a row's user vector is pooled from its context, and every process quantizes the whole batch's."""
         emb = self.forward_model(self.adj)
-        users = {b: e[u] for b, e in emb.users.items()}
-        pos_items = {b: e[pos] for b, e in emb.items.items()}
-        neg_items = {b: e[neg] for b, e in emb.items.items()}
-        bpr = bpr_loss(score(users, pos_items), score(users, neg_items))
-        loss = share * (bpr + self.cfg.reg_weight * l2_penalty(self.model.layer0(), u, pos, neg))
-        parts = {"bpr": share * bpr.detach()}
+        if contexts is None:
+            users = {b: e[u] for b, e in emb.users.items()}
+        else:
+            whole, mine = contexts
+            users = {b: pool_history(e, whole[mine], self.kernel) for b, e in emb.items.items()}
+        rank_loss = self._rank_loss(users, emb.items, pos, neg)
+        loss = share * (rank_loss + self.cfg.reg_weight * l2_penalty(self.model.layer0(), u, pos, neg))
+        term = self.cfg.loss
+        parts = {term: share * rank_loss.detach()}
         if self.vq_active:
             # The tokens must carry the ranking signal themselves: score with quantized user vectors too.
-            # Quantize each distinct user of the batch once (a batch repeats active users many times): less
-            # work, and the codebook's EMA statistics count users, not interactions. On large graphs only a
-            # random subset of them (stage1.vq_users_per_step) is quantized, and the quantized BPR term is the
-            # mean over their rows: an unbiased estimate of it at a bounded cost per step.
-            uniq = torch.unique(u if batch_users is None else batch_users)
+            # Graph encoder: quantize each distinct user of the batch once (a batch repeats active users many
+            # times): less work, and the codebook's EMA statistics count users, not interactions. History
+            # encoder: each batch row's pooled vector (a user's taste at that point of their history). On large
+            # graphs only a random subset of them (stage1.vq_users_per_step) is quantized, and the quantized term
+            # is the mean over their rows: an unbiased estimate of it at a bounded cost per step.
+            if contexts is None:
+                keys, mine = torch.unique(u if batch_users is None else batch_users), u
+            else:
+                whole, mine = contexts
+                keys = torch.arange(len(whole), device=whole.device)
             cap = self.cfg.vq_users_per_step
-            if 0 < cap < len(uniq):
-                pick = torch.randperm(len(uniq), generator=self.torch_rng, device="cpu")[:cap].to(uniq.device)
-                uniq = uniq[pick].sort().values
-            rows = torch.isin(u, uniq)  # (B,) batch rows whose user is quantized this step
-            slot = torch.searchsorted(uniq, u[rows])
+            if 0 < cap < len(keys):
+                pick = torch.randperm(len(keys), generator=self.torch_rng, device="cpu")[:cap].to(keys.device)
+                keys = keys[pick].sort().values
+            rows = torch.isin(mine, keys)  # (B,) this share's rows that are quantized this step
+            slot = torch.searchsorted(keys, mine[rows])
             quantized, vq_loss = {b: e[rows] for b, e in users.items()}, torch.zeros((), device=self.device)
             for m in self.modalities:
-                q = self.quantizer(m, emb.users[m][uniq])
+                vectors = (
+                    emb.users[m][keys]
+                    if contexts is None
+                    else pool_history(emb.items[m], whole[keys], self.kernel)
+                )
+                q = self.quantizer(m, vectors)
                 quantized[m] = q.quantized[slot]
                 vq_loss = vq_loss + q.loss
-            pos_q = {b: e[rows] for b, e in pos_items.items()}
-            neg_q = {b: e[rows] for b, e in neg_items.items()}
-            bpr_q = bpr_loss(score(quantized, pos_q), score(quantized, neg_q))
+            rank_q = self._rank_loss(quantized, emb.items, pos[rows], neg[rows])
             # vq_loss is over the batch's users, the same on every process: not weighted by the share.
-            loss = loss + share * self.cfg.quantized_bpr_weight * bpr_q + self.cfg.vq_loss_weight * vq_loss
-            parts.update(bpr_quantized=share * bpr_q.detach(), vq=vq_loss.detach())
+            loss = loss + share * self.cfg.quantized_bpr_weight * rank_q + self.cfg.vq_loss_weight * vq_loss
+            parts.update({f"{term}_quantized": share * rank_q.detach(), "vq": vq_loss.detach()})
         parts["loss"] = loss  # the caller backpropagates this one; the others are detached for logging
         return parts
+
+    def _rank_loss(
+        self,
+        users: dict[str, torch.Tensor],
+        items: dict[str, torch.Tensor],
+        pos: torch.Tensor,
+        neg: torch.Tensor,
+    ) -> torch.Tensor:
+        """The ranking loss of user rows [B, d] per branch against every item's vectors [I, d] per branch:
+        BPR with the sampled negatives `neg`, or softmax cross-entropy of `pos` over all items."""
+        if self.cfg.loss == "softmax":
+            return F.cross_entropy(score_all(users, items), pos)
+        return bpr_loss(
+            score(users, {b: e[pos] for b, e in items.items()}),
+            score(users, {b: e[neg] for b, e in items.items()}),
+        )
+
+    def _with_user_vectors(self, emb: Embeddings) -> Embeddings:
+        """The model's output with the user vectors of the configured encoder: the propagated free embeddings
+        (graph), or every user's latest items pooled (history)."""
+        if self.user_contexts is None:
+            return emb
+        users = {b: pool_history(e, self.user_contexts, self.kernel) for b, e in emb.items.items()}
+        return Embeddings(users=users, items=emb.items)
 
     @torch.no_grad()
     def embeddings(self) -> tuple[Embeddings, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Continuous embeddings, every user's codes per modality, and the vectors decoded from those codes."""
         self.model.eval()
         self.quantizer.eval()
-        emb = self.model(self.adj)
+        emb = self._with_user_vectors(self.model(self.adj))
         codes, decoded = {}, {}
         if self.state.vq_initialised:
             for m in self.modalities:
@@ -341,7 +415,13 @@ class Stage1Trainer:
 
 # Keys added after finished runs existed, with their defaults: left out of the fingerprint at the default, so those
 # runs still count as finished for the config that made them.
-LATER_KEYS = {"valid_users": 0}
+LATER_KEYS = {
+    "valid_users": 0,
+    "user_encoder": "graph",
+    "history_length": 10,
+    "history_halflife": 3.0,
+    "loss": "bpr",
+}
 
 
 def stage1_fingerprint(cfg: Config, content_hash: str) -> str:

@@ -45,14 +45,25 @@ def launch(tmp: Path, stage: str, run: str, processes: int, *extra: str) -> Path
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    one = launch(tmp, "stage1", "one", 1)  # prepares the dataset; the two-process run finds it up to date
-    return one, launch(tmp, "stage1", "two", 2)
+def ddp_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp")
 
 
-def test_two_processes_end_where_one_process_ends(runs):
-    one, two = runs
+@pytest.fixture(scope="module")
+def runs(ddp_tmp):
+    one = launch(ddp_tmp, "stage1", "one", 1)  # prepares the dataset; the two-process run finds it up to date
+    return one, launch(ddp_tmp, "stage1", "two", 2)
+
+
+@pytest.fixture(scope="module")
+def history_runs(ddp_tmp, runs):  # after `runs`, which prepares the dataset
+    extra = ("stage1.user_encoder=history", "stage1.loss=softmax")
+    return launch(ddp_tmp, "stage1", "one-h", 1, *extra), launch(ddp_tmp, "stage1", "two-h", 2, *extra)
+
+
+@pytest.mark.parametrize("encoder", ["graph", "history"])
+def test_two_processes_end_where_one_process_ends(encoder, request):
+    one, two = request.getfixturevalue("runs" if encoder == "graph" else "history_runs")
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     for key in ("recall@20", "ndcg@20", "recall@20_quantized", "ndcg@20_quantized", "best_valid_recall@20"):
         assert abs(m1[key] - m2[key]) <= TOLERANCE, (key, m1[key], m2[key])

@@ -282,6 +282,16 @@ def test_trained_baselines_beat_random(tmp_path, name):
     assert out["recall@10"] > 0.8
 
 
+def test_lightgcn_with_the_softmax_loss_learns_the_planted_groups(tmp_path):
+    ds = _planted_dataset(tmp_path)
+    out = baselines.train_lightgcn(
+        ds, dim=16, epochs=15, batch_size=64, lr=0.02, seed=0, ks=[10], patience=15, loss="softmax"
+    )
+    assert out["recall@10"] > 0.8 > _random_recall(ds)
+    with pytest.raises(DppmgError, match="bpr or softmax"):
+        PygLightGCN(3, 4, np.array([0]), np.array([0]), dim=8, layers=1, loss="hinge")
+
+
 def test_pyg_lightgcn_csr_adjacency_gives_the_same_embeddings():
     users, items = np.array([0, 0, 1, 2, 2, 2]), np.array([0, 1, 1, 0, 2, 3])
     models = []
