@@ -53,7 +53,7 @@ GRAPH_ENCODER = [
 ]  # the ablation row: stage 1 before the history encoder
 
 
-def stage1_part(overrides: list[str], seeds: list[int]) -> None:
+def stage1_part(overrides: list[str], seeds: list[int], our_regs: tuple[float, ...] = OURS_REG_GRID) -> None:
     from dppmg.config import load_config
     from dppmg.data.format import load_dataset
     from dppmg.data.prepare import prepare
@@ -90,7 +90,7 @@ def stage1_part(overrides: list[str], seeds: list[int]) -> None:
     for name, modalities in (
         ("text", "[text]"), ("image", "[image]"), ("both", "[text,image]"), ("graph encoder", "[text,image]")
     ):  # fmt: skip
-        grid = {reg: [stage1(name, modalities, reg, s) for s in seeds] for reg in OURS_REG_GRID}
+        grid = {reg: [stage1(name, modalities, reg, s) for s in seeds] for reg in our_regs}
         chosen_reg[name] = max(grid, key=lambda r: _mean([m["best_valid_recall@20"] for m in grid[r]]))
         ours[name] = grid[chosen_reg[name]]
         for reg, runs in grid.items():
@@ -212,12 +212,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=("stage1", "pipeline", "all"), default="all")
     ap.add_argument("--seeds", default="0,1,2", help="stage-1 seeds (stage1.seed), comma-separated")
+    ap.add_argument(
+        "--our-reg", default=",".join(f"{r:g}" for r in OURS_REG_GRID),
+        help="stage-1 L2 weights (stage1.reg_weight) to choose ours from by validation, comma-separated; "
+        "LightGCN always gets its whole grid",
+    )  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     ns = ap.parse_args()
     if not ML_SMALL.is_dir() or not (ML_SMALL / "posters").is_dir():
         raise SystemExit(f"needs {ML_SMALL} with its posters/ folder (../shared/data beside the repo)")
     if ns.part in ("stage1", "all"):
-        stage1_part(ns.overrides, [int(x) for x in ns.seeds.split(",")])
+        regs = tuple(float(x) for x in ns.our_reg.split(","))
+        stage1_part(ns.overrides, [int(x) for x in ns.seeds.split(",")], regs)
     if ns.part in ("pipeline", "all"):
         pipeline_part(ns.overrides)
 

@@ -13,6 +13,10 @@ half-life h (and "all", h = ∞, the order-free item-kNN), picks h by validation
 Recall@20 through the same metric code as stage 1 (`full_ranking_metrics`: train items masked, and valid items
 for test). Stage 1's `stage1.recency_halflife=3` in BENCHMARKS.md came from a first draft of this scan (half-lives
 3, 10, 30 only, 3 best on validation); the full scan picks 2. The configs leave the option off.
+
+`--ranks 32,64,128` also scores with the chosen half-life through the best rank-k approximations of the item–item
+cosine matrix (its k eigenvectors of largest |eigenvalue|): how much of the kNN's ranking a model whose scores are
+dot products of k-dimensional vectors could keep.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "movielens-posters.yaml"))
+    ap.add_argument("--ranks", default="", help="comma-separated ranks k of the similarity to score with too")
     ap.add_argument("overrides", nargs="*")
     ns = ap.parse_args()
     ds = load_dataset(prepare(load_config(ns.config, ns.overrides), progress=False))
@@ -55,27 +60,40 @@ def main() -> None:
     )
     print("| half-life | valid recall@20 | test recall@20 |")
     print("| --- | --- | --- |")
-    results = {}
+    results, histories = {}, {}
+
+    def recall(scores: torch.Tensor) -> dict[str, float]:
+        """Validation and test Recall@20 of fixed scores [U, I]."""
+        return {
+            split: full_ranking_metrics(
+                {}, {}, ds.interactions, split, [20], score_fn=lambda batch: scores[batch].clone()
+            )["recall@20"]
+            for split in ("valid", "test")
+        }
+
     for h in HALFLIVES:
         w = np.ones(len(users)) if math.isinf(h) else recency_weights(users, train["timestamp"].to_numpy(), h)
         weighted = torch.zeros(ds.num_users, ds.num_items)
         weighted.index_put_(
             (torch.from_numpy(users), torch.from_numpy(items)), torch.from_numpy(w).float(), accumulate=True
         )
-        scores = weighted @ sim  # [U, I]
-
-        def score_fn(batch: torch.Tensor, scores: torch.Tensor = scores) -> torch.Tensor:
-            return scores[batch].clone()
-
-        results[h] = {
-            split: full_ranking_metrics({}, {}, ds.interactions, split, [20], score_fn=score_fn)["recall@20"]
-            for split in ("valid", "test")
-        }
+        histories[h] = weighted
+        results[h] = recall(weighted @ sim)  # [U, I]
         print(
             f"| {'all (no recency)' if math.isinf(h) else f'{h:g}'} | {results[h]['valid']:.4f} | {results[h]['test']:.4f} |"
         )
     best = max(results, key=lambda h: results[h]["valid"])
     print(f"\nchosen by validation: half-life {best:g}, test recall@20 {results[best]['test']:.4f}")
+    if ns.ranks:
+        values, vectors = torch.linalg.eigh(sim)
+        print(
+            f"\n| rank of the similarity (half-life {best:g}) | valid recall@20 | test recall@20 |\n| --- | --- | --- |"
+        )
+        for k in (int(x) for x in ns.ranks.split(",")):
+            top = values.abs().argsort(descending=True)[:k]
+            r = recall(histories[best] @ (vectors[:, top] * values[top]) @ vectors[:, top].T)
+            print(f"| {k} | {r['valid']:.4f} | {r['test']:.4f} |")
+        print(f"| all {ds.num_items} | {results[best]['valid']:.4f} | {results[best]['test']:.4f} |")
 
 
 if __name__ == "__main__":
