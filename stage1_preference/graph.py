@@ -90,6 +90,13 @@ def build_norm_adj(
     return _csr(rows, cols, w * (inv_sqrt[rows] * inv_sqrt[cols]), n, n)  # exactly symmetric
 
 
+def chronological_order(user_idx: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """The permutation that sorts interactions by user, then time, then row (ties keep their array order, the
+    order the leave-last-out split used). `recency_weights` and the history encoder both read histories in it."""
+    user_idx = np.asarray(user_idx)
+    return np.lexsort((np.arange(len(user_idx)), np.asarray(timestamp), user_idx))
+
+
 def recency_weights(user_idx: np.ndarray, timestamp: np.ndarray, halflife: float) -> np.ndarray:
     """float [E]: 2^(-r / halflife) for the interaction that is r-th from the end of its user's history.
 
@@ -99,8 +106,8 @@ def recency_weights(user_idx: np.ndarray, timestamp: np.ndarray, halflife: float
     """
     if halflife <= 0:
         raise DppmgError(f"the recency half-life must be positive, got {halflife}")
-    user_idx, timestamp = np.asarray(user_idx), np.asarray(timestamp)
-    order = np.lexsort((np.arange(len(user_idx)), timestamp, user_idx))  # by user, then time, then row
+    user_idx = np.asarray(user_idx)
+    order = chronological_order(user_idx, timestamp)
     pos, size = position_in_group(user_idx[order])
     from_end = size - 1 - pos
     out = np.empty(len(order), dtype=np.float64)

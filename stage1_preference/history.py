@@ -22,6 +22,7 @@ import torch
 
 from dppmg.data.processing import position_in_group
 from dppmg.errors import DppmgError
+from stage1_preference.graph import chronological_order
 
 PAD = -1  # an empty context slot (a position with fewer than L items before it)
 
@@ -39,13 +40,6 @@ class Histories:
     targets: np.ndarray
     contexts: np.ndarray
     user_contexts: np.ndarray
-
-
-def chronological_order(user_idx: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
-    """The permutation that sorts interactions by user, then time, then row (ties keep their array order, as in
-    `graph.recency_weights` and the leave-last-out split)."""
-    user_idx = np.asarray(user_idx)
-    return np.lexsort((np.arange(len(user_idx)), np.asarray(timestamp), user_idx))
 
 
 def build_histories(

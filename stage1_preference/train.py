@@ -282,9 +282,10 @@ class Stage1Trainer:
         emb = self.forward_model(self.adj)
         if contexts is None:
             users = {b: e[u] for b, e in emb.users.items()}
-        else:
+        else:  # the whole batch pooled once: this share's rows rank, and the quantizer reads the batch's
             whole, mine = contexts
-            users = {b: pool_history(e, whole[mine], self.kernel) for b, e in emb.items.items()}
+            pooled = {b: pool_history(e, whole, self.kernel) for b, e in emb.items.items()}
+            users = {b: p[mine] for b, p in pooled.items()}
         rank_loss = self._rank_loss(users, emb.items, pos, neg)
         loss = share * (rank_loss + self.cfg.reg_weight * l2_penalty(self.model.layer0(), u, pos, neg))
         term = self.cfg.loss
@@ -299,7 +300,6 @@ class Stage1Trainer:
             if contexts is None:
                 keys, mine = torch.unique(u if batch_users is None else batch_users), u
             else:
-                whole, mine = contexts
                 keys = torch.arange(len(whole), device=whole.device)
             cap = self.cfg.vq_users_per_step
             if 0 < cap < len(keys):
@@ -309,12 +309,7 @@ class Stage1Trainer:
             slot = torch.searchsorted(keys, mine[rows])
             quantized, vq_loss = {b: e[rows] for b, e in users.items()}, torch.zeros((), device=self.device)
             for m in self.modalities:
-                vectors = (
-                    emb.users[m][keys]
-                    if contexts is None
-                    else pool_history(emb.items[m], whole[keys], self.kernel)
-                )
-                q = self.quantizer(m, vectors)
+                q = self.quantizer(m, (emb.users[m] if contexts is None else pooled[m])[keys])
                 quantized[m] = q.quantized[slot]
                 vq_loss = vq_loss + q.loss
             rank_q = self._rank_loss(quantized, emb.items, pos[rows], neg[rows])
