@@ -186,7 +186,8 @@ def pipeline_part(overrides: list[str]) -> None:
           f"{t['rl_iteration_seconds']:.1f} s; generation {t['images_per_second']:.2f} images/s and "
           f"{t['tokens_per_second']:.1f} LLM tokens/s")  # fmt: skip
     metrics = list(m["heldout_ci"]["none"])
-    print(f"\nheld-out, {m['heldout_pairs']} pairs: mean [95 % interval]")
+    per_pair = m.get("heldout_images_per_pair", 1)
+    print(f"\nheld-out, {m['heldout_pairs']} pairs, {per_pair} image(s) each: mean [95 % interval]")
     print("| metric | " + " | ".join(m["heldout_ci"]) + " | rl − none | grounded − none | rl − grounded |")
     print("| --- " * (len(m["heldout_ci"]) + 4) + "|")
     for metric in metrics:

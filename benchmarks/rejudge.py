@@ -45,13 +45,18 @@ def main(stage2: Path, overrides: list[str]) -> None:
     users = sorted(set.intersection(*(set(v) for v in by_condition.values())))
     g = cfg.stage2.generators
     shape = (g.image_height or g.image_size, g.image_size)
+    # Each row's images: one, or K with stage2.generation.images_per_pair = K (scores are means over them).
+    samples = len(names(first_row(by_condition)[users[0]]))
     images = {
-        c: load_image_array([stage2 / "generations" / v[u]["image"] for u in users], shape, progress=False)
+        c: [
+            load_image_array([stage2 / "generations" / names(v[u])[s] for u in users], shape, progress=False)
+            for s in range(samples)
+        ]
         for c, v in by_condition.items()
     }
-    first = next(iter(by_condition.values()))
+    first = first_row(by_condition)
     pairs = [Pair(user=u, keywords="", item=item_of[str(first[u]["target_item_id"])]) for u in users]
-    print(f"== {len(users)} pairs of {stage2}, generated at {shape[0]}x{shape[1]}\n")
+    print(f"== {len(users)} pairs of {stage2}, {samples} image(s) each, generated at {shape[0]}x{shape[1]}\n")
     print("| judge | metric | " + " | ".join(f"{a} − {b}" for a, b in CONTRASTS) + " |")
     print("| --- | --- |" + " --- |" * len(CONTRASTS))
     for reference, centered in VARIANTS:
@@ -59,7 +64,7 @@ def main(stage2: Path, overrides: list[str]) -> None:
             ds, cfg.stage2.generation.image_judge or "efficientnet-lite0", shape, cfg.features.cache_dir,
             progress=False, reference=reference, centered=centered,
         )  # fmt: skip
-        scores = {c: judge(pairs, images[c]) for c in images}
+        scores = {c: mean_scores([judge(pairs, x) for x in images[c]]) for c in images}
         for metric in METRICS:
             cells = []
             for a, b in CONTRASTS:
@@ -68,6 +73,22 @@ def main(stage2: Path, overrides: list[str]) -> None:
                 cells.append(f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{star}")
             name = f"{reference}, {'centred' if centered else 'raw'}"
             print(f"| {name} | {metric} | " + " | ".join(cells) + " |", flush=True)
+
+
+def names(row: dict) -> list[str]:
+    """A generations.jsonl row's image files (rows written before images_per_pair list only `image`)."""
+    return row.get("images") or [row["image"]]
+
+
+def first_row(by_condition: dict[str, dict[int, dict]]) -> dict[int, dict]:
+    return next(iter(by_condition.values()))
+
+
+def mean_scores(runs: list[dict]) -> dict:
+    """Per pair, each metric's mean over a pair's images."""
+    import numpy as np
+
+    return {m: np.mean([np.asarray(r[m], dtype=np.float64) for r in runs], axis=0) for m in runs[0]}
 
 
 if __name__ == "__main__":

@@ -395,6 +395,11 @@ class GenerationConfig:
     """Generation for evaluation, the gallery and `dppmg generate`."""
 
     heldout_users: int = 64  # users kept out of grounding and RL; stage2/metrics.json is measured on them
+    # Images drawn per held-out pair (each from its own noise; one text per pair): every per-pair metric is the
+    # mean over them. The sampling noise of one image is a large part of a small image effect's interval: on the
+    # MovieLens run, rl - none on judge_history_last5 went from +0.0031 [-0.0001, +0.0064] with 1 image to
+    # +0.0025 [+0.0004, +0.0047] with 4 (BENCHMARKS.md, "images per pair").
+    images_per_pair: int = 1
     gallery_users: int = 8  # held-out users shown in stage2/gallery.html
     max_new_tokens: int = 40
     temperature: float = 0.7  # text sampling temperature; <= 0 decodes greedily
@@ -698,6 +703,7 @@ def _validate_stage2(s2: Stage2Config) -> None:
         ("rl.image_epochs", r.image_epochs, 0),
         ("rl.image_steps", r.image_steps, 1),
         ("generation.heldout_users", gen.heldout_users, 1),
+        ("generation.images_per_pair", gen.images_per_pair, 1),
         ("generation.gallery_users", gen.gallery_users, 0),
         ("generation.max_new_tokens", gen.max_new_tokens, 1),
         ("generation.image_steps", gen.image_steps, 1),

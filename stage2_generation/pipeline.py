@@ -86,6 +86,14 @@ class Generated:
     text_seconds: float
     image_seconds: float
     tokens: int
+    # With stage2.generation.images_per_pair = K > 1, the pairs' other K - 1 images (each uint8 [N, H, W, 3]);
+    # `images` is the first, and every per-pair score is the mean over all K. A tuple, so that a checkpoint
+    # written before the field existed reads it as empty.
+    more_images: tuple[np.ndarray, ...] = ()
+
+    @property
+    def samples(self) -> int:
+        return 1 + len(self.more_images)
 
 
 @dataclass
@@ -102,11 +110,19 @@ class Stage2State:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+# Keys added after finished runs existed, with their defaults: left out of the fingerprint at the default, so those
+# runs still count as finished for the config that made them (and eval still accepts them).
+LATER_KEYS = {("generation", "images_per_pair"): 1}
+
+
 def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) -> str:
     s2 = to_dict(cfg.stage2)
     s2.pop("overwrite", None)
     s2.pop("stage1_run", None)  # which folder the tokens come from; their digest is what counts
     s2["generators"].pop("device", None)
+    for (section, key), default in LATER_KEYS.items():
+        if s2[section].get(key) == default:
+            del s2[section][key]
     digest = ckpt.digest()
     blob = json.dumps(
         {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
@@ -265,18 +281,61 @@ def evaluate_condition(
     progress: bool = True,
     dist: Dist = SINGLE,
 ) -> Generated:
-    """Generate for the pairs and score them with the evaluation package's metric list, plus the RL reward."""
+    """Generate for the pairs and score them with the evaluation package's metric list, plus the RL reward.
+
+    With `stage2.generation.images_per_pair` K > 1, each pair gets K images (one text), and its scores are the
+    means over them."""
     texts, images, ts, is_, tokens = generate_pairs(policy, pairs, cfg, personalized, progress, dist=dist)
-    return _scored(judges, pairs, texts, images, cfg, ts, is_, tokens)
+    more, more_seconds = more_images(policy, pairs, cfg, personalized, progress, dist)
+    return _scored(judges, pairs, texts, images, cfg, ts, is_ + more_seconds, tokens, more)
+
+
+def more_images(
+    policy: Policy, pairs: list[Pair], cfg: Config, personalized: bool, progress: bool = True,
+    dist: Dist = SINGLE,
+) -> tuple[tuple[np.ndarray, ...], float]:  # fmt: skip
+    """The pairs' images 2..K (K = stage2.generation.images_per_pair), and the seconds they took (the slowest
+    process's). Image s of pair k starts from noise seeded by (cfg.seed, s·N + k), N pairs: its own noise,
+    whichever process draws it."""
+    from stage2_generation.generators import generate_images
+
+    g = cfg.stage2.generation
+    if g.images_per_pair <= 1:
+        return (), 0.0
+    n, mine = len(pairs), dist.shard(len(pairs))
+    prompts = policy.image_prompts([pairs[k] for k in mine], personalized)
+    start, out = time.perf_counter(), []
+    for s in range(1, g.images_per_pair):
+        images = generate_images(
+            policy.gen.pipe, prompts, steps=g.image_steps, guidance=g.guidance, seed=cfg.seed,
+            batch_size=g.batch_size, progress=progress, indices=[s * n + k for k in mine],
+        )  # fmt: skip
+        out.append(np.stack(gather_rows(dist, mine, list(images), n)) if dist.active else images)
+    seconds = time.perf_counter() - start
+    return tuple(out), max(gather(dist, seconds)) if dist.active else seconds
 
 
 def _scored(
     judges: Judges, pairs: list[Pair], texts: list[str], images: np.ndarray, cfg: Config,
-    ts: float = 0.0, is_: float = 0.0, tokens: int = 0,
+    ts: float = 0.0, is_: float = 0.0, tokens: int = 0, more: tuple[np.ndarray, ...] = (),
 ) -> Generated:  # fmt: skip
-    per_pair = judges.score(pairs, texts, images, reward_weights=cfg.stage2.rl.weights)
+    weights = cfg.stage2.rl.weights
+    runs = [judges.score(pairs, texts, x, reward_weights=weights) for x in (images, *more)]
+    per_pair = {k: _mean_over_samples([r[k] for r in runs]) for k in runs[0]}
     metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per_pair.items()}
-    return Generated(texts, images, metrics, {k: v.tolist() for k, v in per_pair.items()}, ts, is_, tokens)
+    per_pair_lists = {k: v.tolist() for k, v in per_pair.items()}
+    return Generated(texts, images, metrics, per_pair_lists, ts, is_, tokens, tuple(more))
+
+
+def _mean_over_samples(values: list[np.ndarray]) -> np.ndarray:
+    """Per pair, the mean of a metric over a pair's images, ignoring NaN (NaN where every image's is NaN)."""
+    stacked = np.stack([np.asarray(v, dtype=np.float64) for v in values])
+    if len(values) == 1:
+        return stacked[0]
+    finite = np.isfinite(stacked)
+    count = finite.sum(axis=0)
+    total = np.where(finite, stacked, 0.0).sum(axis=0)
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
 
 
 def oracle_metrics(judges: Judges, pairs: list[Pair], side, cfg: Config) -> dict[str, float] | None:
@@ -522,7 +581,9 @@ def _finish(
     rl_eval = state.evals["rl"]
     n = len(pairs)
     timing = {
-        "images_per_second": n / rl_eval.image_seconds if rl_eval.image_seconds else float("nan"),
+        "images_per_second": n * rl_eval.samples / rl_eval.image_seconds
+        if rl_eval.image_seconds
+        else float("nan"),
         "tokens_per_second": rl_eval.tokens / rl_eval.text_seconds if rl_eval.text_seconds else float("nan"),
         "rl_iteration_seconds": float(np.mean([h["seconds"] for h in state.history]))
         if state.history
@@ -534,8 +595,10 @@ def _finish(
     ci, diffs = heldout_intervals(state.evals, cfg.seed)
     metrics: dict[str, Any] = {
         "heldout": heldout,
-        # Every heldout.* entry averages the same pairs; this is how many (and which users).
+        # Every heldout.* entry averages the same pairs; this is how many (and which users), and the images
+        # drawn per pair (each pair's scores are the means over them).
         "heldout_pairs": n,
+        "heldout_images_per_pair": rl_eval.samples,
         "heldout_ci": ci,
         "heldout_differences": diffs,
         # What perfectly matching real items score on a world with ground truth (oracle_metrics), and the
@@ -606,13 +669,15 @@ def _write_generations(folder: Path, ds: ProcessedDataset, pairs: list[Pair], st
         (folder / cond).mkdir(parents=True, exist_ok=True)
         for k, p in enumerate(pairs):
             uid = _user_id(ds, p.user)
-            name = f"{cond}/{_safe(uid)}.png"
-            with atomic_path(folder / name) as tmp:
-                Image.fromarray(g.images[k]).save(tmp, format="PNG")
+            # The first image is <user>.png; with images_per_pair K > 1 the others are <user>~2.png ... <user>~K.png.
+            names = [f"{cond}/{_safe(uid)}{'' if s == 0 else f'~{s + 1}'}.png" for s in range(g.samples)]
+            for name, images in zip(names, (g.images, *g.more_images)):
+                with atomic_path(folder / name) as tmp:
+                    Image.fromarray(images[k]).save(tmp, format="PNG")
             rows.append({
                 "condition": cond, "user_id": uid, "user_idx": p.user, "target": p.keywords,
                 "target_item_id": None if p.item is None else str(ds.items["item_id"].iat[p.item]),
-                "text": g.texts[k], "image": name,
+                "text": g.texts[k], "image": names[0], "images": names,
                 "scores": {m: v[k] for m, v in g.per_pair.items()},
             })  # fmt: skip
     write_text(folder / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in rows))

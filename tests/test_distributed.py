@@ -20,6 +20,9 @@ STAGE2_TOLERANCE = 1e-3  # on every heldout.* metric
 TOKEN_TOLERANCE = 1e-3  # on every tuned token parameter
 
 
+STAGE2_EXTRA = ("stage2.generation.images_per_pair=2",)
+
+
 def launch(tmp: Path, stage: str, run: str, processes: int, *extra: str) -> Path:
     """`dppmg <stage> -q configs/debug.yaml` in `tmp`, on one process or on `processes` under torchrun."""
     overrides = [
@@ -99,14 +102,16 @@ def stage2_runs(runs):
     tmp = one_stage1.parents[2]
     for run in ("s2one", "s2two"):
         shutil.copytree(one_stage1, tmp / "runs" / run / "stage1")
-    one = launch(tmp, "stage2", "s2one", 1)  # warm-starts the generators; the two processes load them
-    return one, launch(tmp, "stage2", "s2two", 2)
+    # Two images per held-out pair: the second images are drawn in shares across the processes too.
+    one = launch(tmp, "stage2", "s2one", 1, *STAGE2_EXTRA)  # warm-starts the generators; the others load them
+    return one, launch(tmp, "stage2", "s2two", 2, *STAGE2_EXTRA)
 
 
 def test_stage2_two_processes_end_where_one_process_ends(stage2_runs):
     one, two = stage2_runs  # the two-process run checked at every checkpoint that its replicas were equal
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m1["heldout_pairs"] == m2["heldout_pairs"]
+    assert m1["heldout_images_per_pair"] == m2["heldout_images_per_pair"] == 2
     for cond, metrics in m1["heldout"].items():
         for key, value in metrics.items():
             assert abs(value - m2["heldout"][cond][key]) <= STAGE2_TOLERANCE, (cond, key, value)
@@ -147,6 +152,6 @@ def test_stage2_two_process_run_resumes(stage2_runs):
     # and rank 0 writes the same metrics again.
     before = json.loads((two / "metrics.json").read_text())
     (two / "metrics.json").unlink()
-    launch(two.parents[2], "stage2", "s2two", 2)
+    launch(two.parents[2], "stage2", "s2two", 2, *STAGE2_EXTRA)
     after = json.loads((two / "metrics.json").read_text())
     assert after["heldout"] == before["heldout"] and after["rl_history"] == before["rl_history"]

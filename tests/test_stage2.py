@@ -273,7 +273,10 @@ def test_the_image_judge_and_the_intervals_reach_metrics_json(world, monkeypatch
     """With stage2.generation.image_judge set, every condition gets the judge's metrics, each metric a 95 %
     interval over the pairs, each pair of conditions a paired difference, and the real-data targets."""
     tmp, _ = world
-    cfg = cfg_for(tmp, "run_name=judged", "stage2.generation.image_judge=efficientnet-lite0")
+    cfg = cfg_for(
+        tmp, "run_name=judged", "stage2.generation.image_judge=efficientnet-lite0",
+        "stage2.generation.images_per_pair=2",
+    )  # fmt: skip
     run_stage1(cfg, progress=False)
     # The untrained stand-in at a small input (the real weights are tested in test_real_models.py).
     monkeypatch.setattr(
@@ -298,6 +301,56 @@ def test_the_image_judge_and_the_intervals_reach_metrics_json(world, monkeypatch
             diff["low"] > 0 or diff["high"] < 0
         )
     assert set(m["heldout_differences"]) == {"grounded_minus_none", "rl_minus_none", "rl_minus_grounded"}
+    # Two images per pair, both written: <user>.png and <user>~2.png.
+    assert m["heldout_images_per_pair"] == 2
+    for r in rows:
+        assert r["images"][0] == r["image"] and r["images"][1].endswith("~2.png"), r["images"]
+        assert all((out / "generations" / name).is_file() for name in r["images"])
+
+
+def test_several_images_per_pair_average_each_pairs_scores(world, components):
+    """images_per_pair = 2: the first image is the one-image run's, the second its own draw, and every per-pair
+    score is the mean of the two images' (text-only metrics stay the one text's)."""
+    _, cfg = world
+    judges = pipeline_mod.build_judges(cfg, components, progress=False)
+    policy = components.policy
+    pairs = heldout_pairs(components.ds, split_users(components.ds, 4, cfg.seed)[1])
+    one = pipeline_mod.evaluate_condition(policy, judges, pairs, cfg, personalized=True, progress=False)
+    two_cfg = copy.deepcopy(cfg)
+    two_cfg.stage2.generation.images_per_pair = 2
+    two = pipeline_mod.evaluate_condition(policy, judges, pairs, two_cfg, personalized=True, progress=False)
+    assert one.samples == 1 and two.samples == 2
+    np.testing.assert_array_equal(two.images, one.images)
+    assert not np.array_equal(two.more_images[0], two.images)
+    second = judges.score(pairs, two.texts, two.more_images[0], reward_weights=cfg.stage2.rl.weights)
+    for metric in ("personalization_image", "consistency", "hit_image", "reward"):
+        expected = (np.asarray(one.per_pair[metric]) + second[metric]) / 2
+        np.testing.assert_allclose(two.per_pair[metric], expected, err_msg=metric)
+    np.testing.assert_allclose(two.per_pair["personalization_text"], one.per_pair["personalization_text"])
+
+
+def test_mean_over_samples_ignores_nan_and_keeps_all_nan():
+    values = [np.array([1.0, np.nan, np.nan]), np.array([3.0, 2.0, np.nan])]
+    np.testing.assert_array_equal(pipeline_mod._mean_over_samples(values), [2.0, 2.0, np.nan])
+
+
+def test_images_per_pair_at_its_default_keeps_earlier_runs_fingerprints(world, monkeypatch):
+    """A key added later is left out of the fingerprint at its default, so runs made before it stay finished."""
+    _, cfg = world
+    ckpt = TokenCheckpoint.load(pipeline_mod.tokens_folder(cfg))
+    default = pipeline_mod.stage2_fingerprint(cfg, "h", ckpt)
+    two = copy.deepcopy(cfg)
+    two.stage2.generation.images_per_pair = 2
+    assert pipeline_mod.stage2_fingerprint(two, "h", ckpt) != default
+    real = pipeline_mod.to_dict
+
+    def before_the_key(section):  # the stage-2 config as it was written before the key existed
+        d = real(section)
+        del d["generation"]["images_per_pair"]
+        return d
+
+    monkeypatch.setattr(pipeline_mod, "to_dict", before_the_key)
+    assert pipeline_mod.stage2_fingerprint(cfg, "h", ckpt) == default
 
 
 def test_rerun_is_a_no_op_and_another_config_needs_overwrite(finished, monkeypatch):
