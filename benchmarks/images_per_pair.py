@@ -4,8 +4,8 @@
 
 It loads the run as `make eval` does (its config, `stage2/config.yaml`, then the overrides, e.g. `data.root=...`
 when the data lives elsewhere), draws K images for each held-out pair under `none`, the grounded tokens and the
-tuned tokens, seeded as `stage2.generation.images_per_pair` seeds them (image s of pair k from noise (seed, s·N + k),
-so the first image is the run's own), and scores each with the run's image judge. For k = 1, 2, 4, ..., K it prints
+tuned tokens, drawn as `stage2.generation.images_per_pair` draws them (`pipeline.more_images`; the first image is the
+run's own), and scores each with the run's image judge. For k = 1, 2, 4, ..., K it prints
 the paired differences rl − none, grounded − none and rl − grounded of every judge metric with each pair's scores
 averaged over its first k images, and the interval's width: what `images_per_pair = k` would report on this run.
 Only images are drawn (one text per pair does not change the image metrics), about 2-3 images a second on 2 cores.
@@ -34,7 +34,12 @@ def main() -> None:
     from stage2_generation.evaluation.run import _open
     from stage2_generation.generators import generate_images
     from stage2_generation.injection import load_injected
-    from stage2_generation.pipeline import GROUNDED_TOKENS_FILE, TOKENS_FILE
+    from stage2_generation.pipeline import (
+        GROUNDED_TOKENS_FILE,
+        TOKENS_FILE,
+        mean_over_samples,
+        more_images,
+    )
 
     config = args.stage2 / "config.yaml"
     if not config.is_file():
@@ -44,6 +49,7 @@ def main() -> None:
     if ev.judges.image is None:
         raise DppmgError(f"{args.stage2} has no image judge (stage2.generation.image_judge is null)")
     policy, g, pairs = ev.components.policy, cfg.stage2.generation, ev.pairs
+    g.images_per_pair = args.samples
     n = len(pairs)
     print(f"== {n} held-out pairs of {args.stage2}, {args.samples} images each\n", flush=True)
     tokens = {"none": None, "grounded": args.stage2 / GROUNDED_TOKENS_FILE, "rl": args.stage2 / TOKENS_FILE}
@@ -51,15 +57,16 @@ def main() -> None:
     for condition, file in tokens.items():
         if file is not None:
             load_injected(file, policy.injected)
-        prompts = policy.image_prompts(pairs, file is not None)
-        runs = []
-        for s in range(args.samples):
-            images = generate_images(
-                policy.gen.pipe, prompts, steps=g.image_steps, guidance=g.guidance, seed=cfg.seed,
-                batch_size=g.batch_size, progress=False, indices=[s * n + k for k in range(n)],
-            )  # fmt: skip
-            runs.append(ev.judges.image(pairs, images))
-            print(f"  {condition}: image {s + 1} of {args.samples}", flush=True)
+        personalized = file is not None
+        # The first image as stage 2's held-out generation draws it (pair k from noise (seed, k)), the others as
+        # images_per_pair does.
+        first = generate_images(
+            policy.gen.pipe, policy.image_prompts(pairs, personalized), steps=g.image_steps, guidance=g.guidance,
+            seed=cfg.seed, batch_size=g.batch_size, progress=False,
+        )  # fmt: skip
+        more, _ = more_images(policy, pairs, cfg, personalized, progress=False)
+        runs = [ev.judges.image(pairs, images) for images in (first, *more)]
+        print(f"  {condition}: {args.samples} images per pair scored", flush=True)
         scores[condition] = {m: np.stack([np.asarray(r[m], dtype=np.float64) for r in runs]) for m in runs[0]}
     ks = sorted({k for k in (1, 2, 4, 8, 16) if k <= args.samples} | {args.samples})
     print("\n| metric | contrast | " + " | ".join(f"{k} image(s): mean [95 %] (width)" for k in ks) + " |")
@@ -68,9 +75,8 @@ def main() -> None:
         for a, b in CONTRASTS:
             cells = []
             for k in ks:
-                d = paired_difference(
-                    scores[a][metric][:k].mean(0), scores[b][metric][:k].mean(0), seed=cfg.seed
-                )
+                mean_a, mean_b = (mean_over_samples(list(scores[c][metric][:k])) for c in (a, b))
+                d = paired_difference(mean_a, mean_b, seed=cfg.seed)
                 star = "" if d.low > 0 or d.high < 0 else " n.s."
                 cells.append(f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]{star} ({d.high - d.low:.4f})")
             print(f"| {metric} | {a} − {b} | " + " | ".join(cells) + " |", flush=True)

@@ -46,7 +46,8 @@ def main(stage2: Path, overrides: list[str]) -> None:
     g = cfg.stage2.generators
     shape = (g.image_height or g.image_size, g.image_size)
     # Each row's images: one, or K with stage2.generation.images_per_pair = K (scores are means over them).
-    samples = len(names(first_row(by_condition)[users[0]]))
+    first = next(iter(by_condition.values()))
+    samples = len(names(first[users[0]]))
     images = {
         c: [
             load_image_array([stage2 / "generations" / names(v[u])[s] for u in users], shape, progress=False)
@@ -54,7 +55,6 @@ def main(stage2: Path, overrides: list[str]) -> None:
         ]
         for c, v in by_condition.items()
     }
-    first = first_row(by_condition)
     pairs = [Pair(user=u, keywords="", item=item_of[str(first[u]["target_item_id"])]) for u in users]
     print(f"== {len(users)} pairs of {stage2}, {samples} image(s) each, generated at {shape[0]}x{shape[1]}\n")
     print("| judge | metric | " + " | ".join(f"{a} − {b}" for a, b in CONTRASTS) + " |")
@@ -64,7 +64,9 @@ def main(stage2: Path, overrides: list[str]) -> None:
             ds, cfg.stage2.generation.image_judge or "efficientnet-lite0", shape, cfg.features.cache_dir,
             progress=False, reference=reference, centered=centered,
         )  # fmt: skip
-        scores = {c: mean_scores([judge(pairs, x) for x in images[c]]) for c in images}
+        scores = {
+            c: mean_scores([judge(pairs, x) for x in images[c]]) for c in images
+        }  # over a pair's images
         for metric in METRICS:
             cells = []
             for a, b in CONTRASTS:
@@ -80,15 +82,11 @@ def names(row: dict) -> list[str]:
     return row.get("images") or [row["image"]]
 
 
-def first_row(by_condition: dict[str, dict[int, dict]]) -> dict[int, dict]:
-    return next(iter(by_condition.values()))
-
-
 def mean_scores(runs: list[dict]) -> dict:
-    """Per pair, each metric's mean over a pair's images."""
-    import numpy as np
+    """Per pair, each metric's mean over a pair's images, as stage 2 averages them."""
+    from stage2_generation.pipeline import mean_over_samples
 
-    return {m: np.mean([np.asarray(r[m], dtype=np.float64) for r in runs], axis=0) for m in runs[0]}
+    return {m: mean_over_samples([r[m] for r in runs]) for m in runs[0]}
 
 
 if __name__ == "__main__":

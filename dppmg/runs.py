@@ -3,15 +3,23 @@ record the config, seed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from dppmg.config import Config, to_yaml
 from dppmg.distributed import Dist, init_distributed, shutdown
 from dppmg.io import exclusive_lock, finished_with, write_text
 from dppmg.log import logger
 from dppmg.seeding import seed_everything
+
+
+def without_later_keys(values: dict[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """A config section's values for a fingerprint, without the keys added after finished runs existed (`later`:
+    key -> default) where they hold their default, so that those runs still count as finished for the config
+    that made them."""
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
 
 
 def begin_stage(cfg: Config, stage: str, fingerprint: str, overwrite: bool) -> Path | None:

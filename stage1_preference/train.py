@@ -30,7 +30,7 @@ from dppmg.distributed import Dist, all_agree, barrier, broadcast_flag
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json
 from dppmg.log import logger
-from dppmg.runs import begin_stage, distributed_stage
+from dppmg.runs import begin_stage, distributed_stage, without_later_keys
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, code_counts, save_token_checkpoint, users_sharing_tuple
 from dppmg.tracking import NoOpTracker, Tracker, build_tracker, log_code_usage
@@ -408,8 +408,7 @@ class Stage1Trainer:
         torch.set_rng_state(sd["torch_rng"])
 
 
-# Keys added after finished runs existed, with their defaults: left out of the fingerprint at the default, so those
-# runs still count as finished for the config that made them.
+# Keys added after finished runs existed, with their defaults (`runs.without_later_keys`).
 LATER_KEYS = {
     "valid_users": 0,
     "user_encoder": "graph",
@@ -422,8 +421,8 @@ LATER_KEYS = {
 def stage1_fingerprint(cfg: Config, content_hash: str) -> str:
     s1 = {
         k: v
-        for k, v in to_dict(cfg.stage1).items()
-        if k not in ("overwrite", "device") and not (k in LATER_KEYS and v == LATER_KEYS[k])
+        for k, v in without_later_keys(to_dict(cfg.stage1), LATER_KEYS).items()
+        if k not in ("overwrite", "device")
     }
     blob = json.dumps(
         {"stage1": s1, "seed": cfg.stage1.resolved_seed(cfg.seed), "dataset": content_hash}, sort_keys=True

@@ -48,7 +48,7 @@ from dppmg.distributed import (
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
-from dppmg.runs import begin_stage, distributed_stage
+from dppmg.runs import begin_stage, distributed_stage, without_later_keys
 from dppmg.scorer import Scorer
 from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, nearest_ids_hint
@@ -57,7 +57,7 @@ from stage2_generation.attributes import fit_judge
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
 from stage2_generation.evaluation.methods import OracleMethod, generate_with_tokens
 from stage2_generation.evaluation.metrics import Judges
-from stage2_generation.generators import image_shape
+from stage2_generation.generators import generate_images, image_shape
 from stage2_generation.grounding import ground, training_pairs
 from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
 from stage2_generation.judges import ImageJudge
@@ -110,9 +110,9 @@ class Stage2State:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-# Keys added after finished runs existed, with their defaults: left out of the fingerprint at the default, so those
-# runs still count as finished for the config that made them (and eval still accepts them).
-LATER_KEYS = {("generation", "images_per_pair"): 1}
+# stage2.generation keys added after finished runs existed, with their defaults (`runs.without_later_keys`): at
+# the default, those runs stay finished and eval still accepts them.
+LATER_GENERATION_KEYS = {"images_per_pair": 1}
 
 
 def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) -> str:
@@ -120,9 +120,7 @@ def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) ->
     s2.pop("overwrite", None)
     s2.pop("stage1_run", None)  # which folder the tokens come from; their digest is what counts
     s2["generators"].pop("device", None)
-    for (section, key), default in LATER_KEYS.items():
-        if s2[section].get(key) == default:
-            del s2[section][key]
+    s2["generation"] = without_later_keys(s2["generation"], LATER_GENERATION_KEYS)
     digest = ckpt.digest()
     blob = json.dumps(
         {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
@@ -297,8 +295,6 @@ def more_images(
     """The pairs' images 2..K (K = stage2.generation.images_per_pair), and the seconds they took (the slowest
     process's). Image s of pair k starts from noise seeded by (cfg.seed, s·N + k), N pairs: its own noise,
     whichever process draws it."""
-    from stage2_generation.generators import generate_images
-
     g = cfg.stage2.generation
     if g.images_per_pair <= 1:
         return (), 0.0
@@ -321,20 +317,18 @@ def _scored(
 ) -> Generated:  # fmt: skip
     weights = cfg.stage2.rl.weights
     runs = [judges.score(pairs, texts, x, reward_weights=weights) for x in (images, *more)]
-    per_pair = {k: _mean_over_samples([r[k] for r in runs]) for k in runs[0]}
+    per_pair = {k: mean_over_samples([r[k] for r in runs]) for k in runs[0]}
     metrics = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per_pair.items()}
     per_pair_lists = {k: v.tolist() for k, v in per_pair.items()}
     return Generated(texts, images, metrics, per_pair_lists, ts, is_, tokens, tuple(more))
 
 
-def _mean_over_samples(values: list[np.ndarray]) -> np.ndarray:
+def mean_over_samples(values: list[np.ndarray]) -> np.ndarray:
     """Per pair, the mean of a metric over a pair's images, ignoring NaN (NaN where every image's is NaN)."""
     stacked = np.stack([np.asarray(v, dtype=np.float64) for v in values])
-    if len(values) == 1:
-        return stacked[0]
-    finite = np.isfinite(stacked)
-    count = finite.sum(axis=0)
-    total = np.where(finite, stacked, 0.0).sum(axis=0)
+    present = ~np.isnan(stacked)
+    count = present.sum(axis=0)
+    total = np.where(present, stacked, 0.0).sum(axis=0)
     return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
 
 

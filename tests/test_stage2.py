@@ -331,7 +331,7 @@ def test_several_images_per_pair_average_each_pairs_scores(world, components):
 
 def test_mean_over_samples_ignores_nan_and_keeps_all_nan():
     values = [np.array([1.0, np.nan, np.nan]), np.array([3.0, 2.0, np.nan])]
-    np.testing.assert_array_equal(pipeline_mod._mean_over_samples(values), [2.0, 2.0, np.nan])
+    np.testing.assert_array_equal(pipeline_mod.mean_over_samples(values), [2.0, 2.0, np.nan])
 
 
 def test_images_per_pair_at_its_default_keeps_earlier_runs_fingerprints(world, monkeypatch):
