@@ -45,6 +45,9 @@ from stage2_generation.pipeline import GROUNDED_TOKENS_FILE, TOKENS_FILE, load_c
 from stage2_generation.prompts import fill_prompt  # noqa: E402
 
 MIN_COUNT = 3
+# The word prompts: how many words of each code, and of which levels (None: all).
+WORD_PROMPTS = {"code words, top1": (1, None), "code words, top2": (2, None), "level 0, top3": (3, {0})}
+TOKEN_PROMPTS = {"grounded tokens": GROUNDED_TOKENS_FILE, "rl tokens": TOKENS_FILE}
 
 
 def code_words(pairs, codes_of, item_words) -> dict[tuple[int, int], list[str]]:
@@ -53,14 +56,14 @@ def code_words(pairs, codes_of, item_words) -> dict[tuple[int, int], list[str]]:
     overall, per_code, items_per_code = (
         collections.Counter(),
         collections.defaultdict(collections.Counter),
-        {},
+        collections.Counter(),
     )
     for p in pairs:
         words = item_words[p.item]
         overall.update(words)
         for level, code in enumerate(codes_of(p.user)):
             per_code[level, code].update(words)
-            items_per_code[level, code] = items_per_code.get((level, code), 0) + 1
+            items_per_code[level, code] += 1
     total = len(pairs)
     named = {}
     for key, counts in per_code.items():
@@ -70,7 +73,7 @@ def code_words(pairs, codes_of, item_words) -> dict[tuple[int, int], list[str]]:
             for w, c in counts.items()
             if c >= MIN_COUNT
         }
-        named[key] = sorted(lift, key=lambda w: -lift[w])
+        named[key] = sorted(lift, key=lambda w: (-lift[w], w))  # ties by the word: sets iterate in hash order
     return named
 
 
@@ -128,41 +131,25 @@ def main() -> None:
         named = code_words(pool, codes_of, item_words)
         template = ws.text_prompt if modality == "text" else ws.image_prompt
 
-        def hinted(words_of, template=template) -> list[str]:
-            return [
-                fill_prompt(template, p.keywords, " ".join(dict.fromkeys(words_of(p.user))) + " ")
-                for p in pairs
-            ]
-
-        def top(user: int, k: int, levels=None, codes_of=codes_of, named=named) -> list[str]:
-            chosen = list(enumerate(codes_of(user)))
+        def top(user: int, k: int, levels, codes_of=codes_of, named=named) -> list[str]:
             return [
                 w
-                for lv, code in chosen
+                for lv, code in enumerate(codes_of(user))
                 if levels is None or lv in levels
                 for w in named.get((lv, code), [])[:k]
             ]
 
-        variants = {
-            "none": [fill_prompt(template, p.keywords) for p in pairs],
-            "code words, top1": hinted(lambda u: top(u, 1)),
-            "code words, top2": hinted(lambda u: top(u, 2)),
-            "level 0, top3": hinted(lambda u: top(u, 3, levels={0})),
-        }
+        variants = {"none": [fill_prompt(template, p.keywords) for p in pairs]}
+        for name, (k, levels) in WORD_PROMPTS.items():
+            hints = [" ".join(dict.fromkeys(top(p.user, k, levels))) + " " for p in pairs]
+            variants[name] = [fill_prompt(template, p.keywords, h) for p, h in zip(pairs, hints)]
         prompts_of = c.policy.text_prompts if modality == "text" else c.policy.image_prompts
-        for name, file in (("grounded tokens", GROUNDED_TOKENS_FILE), ("rl tokens", TOKENS_FILE)):
+        for name, file in TOKEN_PROMPTS.items():
             load_injected(stage2 / file, c.policy.injected)
             rows[name][modality] = (score(modality, prompts_of(pairs, True)), prompts_of(pairs[:1], True)[0])
         for name, prompts in variants.items():
             rows[name][modality] = (score(modality, prompts), prompts[0])
-    for name in (
-        "none",
-        "code words, top1",
-        "code words, top2",
-        "level 0, top3",
-        "grounded tokens",
-        "rl tokens",
-    ):
+    for name in ("none", *WORD_PROMPTS, *TOKEN_PROMPTS):
         t, i = rows[name]["text"], rows[name]["image"]
         print(f"| {name} | {t[0]:.3f} | {i[0]:.3f} | `{t[1]}`, `{i[1]}` |", flush=True)
 

@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -29,7 +27,7 @@ from dppmg.config import load_config  # noqa: E402
 from dppmg.data.format import load_dataset  # noqa: E402
 from dppmg.data.prepare import prepare  # noqa: E402
 from dppmg.scorer import Scorer  # noqa: E402
-from stage2_generation.attributes import TEXT_PREFERENCE_PREFIX, fit_judge  # noqa: E402
+from stage2_generation.attributes import TEXT_PREFERENCE_PREFIX, fit_judge, preference_hit_rates  # noqa: E402
 from stage2_generation.evaluate import heldout_pairs, split_users  # noqa: E402
 from stage2_generation.generators import build_generators, generate_texts  # noqa: E402
 from stage2_generation.prompts import fill_prompt, target_separator  # noqa: E402
@@ -61,10 +59,6 @@ def main() -> None:
     scorer = Scorer.load(ds.root / "scorer", cfg.stage2.generators.device)
     ws, g = cfg.stage2.warmstart, cfg.stage2.generation
 
-    def hits(texts: list[str]) -> dict[str, float]:
-        seen = judge.predict_texts(texts)
-        return {a: float(np.mean(np.asarray(seen[a], dtype=object) == truth[a])) for a in ATTRIBUTES}
-
     print(f"== {len(pairs)} held-out pairs; hit_text with the keywords alone and with the oracle hint\n")
     print(
         "| hint copies | hint words | text steps | seconds | last loss | hit_text, keywords | hit_text, oracle hint |"
@@ -89,10 +83,9 @@ def main() -> None:
                 gen.lm, gen.lm_tokenizer, prompts, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                 seed=cfg.seed, progress=False,
             )  # fmt: skip
-            h = hits(texts)
-            cells.append(
-                f"{np.mean(list(h.values())):.3f} (" + ", ".join(f"{a} {v:.2f}" for a, v in h.items()) + ")"
-            )
+            h = preference_hit_rates(judge, users, texts=texts)
+            per_attribute = ", ".join(f"{a} {h[f'hit_text_{a}']:.2f}" for a in ATTRIBUTES)
+            cells.append(f"{h['hit_text']:.3f} ({per_attribute})")
         row = [copies, words, steps, f"{seconds:.0f}", f"{stats['loss_last']:.3f}", *cells]
         print("| " + " | ".join(str(c) for c in row) + " |", flush=True)
         print(f"   e.g. {prompts[0]!r} -> {texts[0]!r}", file=sys.stderr)
