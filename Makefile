@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
+.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-ddpo bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -80,7 +80,7 @@ endif
 eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed
 	$(DPPMG) eval $(CONFIG) $(ARGS)
 
-bench: bench-data bench-stage1 bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages
+bench: bench-data bench-stage1 bench-ddpo bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages
 
 bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -91,6 +91,10 @@ bench-stage1: $(STAMP) $(NEEDS_MODELS)
 # Stage 1 on one and on two processes (torchrun, gloo), same config and seed: Recall@20 and epoch time.
 bench-distributed: $(STAMP)
 	$(PY) benchmarks/bench_distributed.py --config $(CONFIG) $(ARGS)
+
+# Under a minute: the DDPO image update, all steps in one UNet call against one step at a time (same process).
+bench-ddpo: $(STAMP)
+	$(PY) benchmarks/bench_ddpo.py --config $(CONFIG) $(ARGS)
 
 # About 20 minutes on 2 cores: stage 2 twice (cold generator cache, then cached).
 bench-stage2: $(STAMP) $(NEEDS_MODELS)

@@ -44,7 +44,7 @@ from dppmg.config import ADVANTAGE_KINDS, GenerationConfig, RLConfig
 from dppmg.distributed import SINGLE, Dist, all_agree, gather_rows, share, sum_across
 from dppmg.errors import DppmgError
 from dppmg.log import logger
-from stage2_generation.ddpo import all_finite, ppo_clip_loss, recompute_log_prob, sample_with_logprob
+from stage2_generation.ddpo import all_finite, ppo_clip_loss, recompute_log_probs, sample_with_logprob
 from stage2_generation.evaluate import Rewarder
 from stage2_generation.generators import (
     TEXT_STREAM,
@@ -262,7 +262,7 @@ def image_round(
     generators = [torch.Generator().manual_seed(seed + r) for r in rows]
     traj = sample_with_logprob(
         pipe.unet, pipe.scheduler, embeds, negative, steps=cfg.image_steps, guidance=gen_cfg.guidance,
-        eta=cfg.eta, shape=sample_shape(pipe), generator=generators,
+        eta=cfg.eta, shape=sample_shape(pipe), generator=generators, keep_unconditional=True,
     )  # fmt: skip
     images = samples_to_uint8(pipe, traj.final)
     result = rewarder(expanded, [t for t in texts for _ in range(g)], images)
@@ -271,21 +271,19 @@ def image_round(
     def loss_fn(idx: Tensor) -> tuple[Tensor, dict[str, float | bool]]:
         part = traj.select(idx)
         states = encode_prompts(pipe, [prompts[i] for i in idx.tolist()])  # with gradients to the token rows
-        losses, infos = [], []
-        for j in range(traj.num_steps):
-            new = recompute_log_prob(
-                pipe.unet, pipe.scheduler, part, j, gen_cfg.guidance, cfg.eta, prompt_embeds=states
-            )
-            loss, info = ppo_clip_loss(new, part.log_probs[:, j], adv[idx], cfg.clip_range, cfg.adv_clip_max)
-            losses.append(loss)
-            infos.append(info)
-        total = torch.stack(losses).mean()
-        return total, {
-            "approx_kl": float(np.mean([i["approx_kl"] for i in infos])),
-            "clipfrac": float(np.mean([i["clipfrac"] for i in infos])),
-            "finite": all(bool(i["finite"]) for i in infos),
-            "weight": float(len(idx)),  # approx_kl and clipfrac are means over the trajectories
-        }
+        # Every step of the minibatch at once (the UNet is frozen, so the rollout's unconditional half is
+        # reused): the clipped loss, KL and clip fraction averaged over steps and trajectories alike.
+        new = recompute_log_probs(
+            pipe.unet, pipe.scheduler, part, gen_cfg.guidance, cfg.eta, prompt_embeds=states
+        )
+        advantages = adv[idx].unsqueeze(1).expand_as(new)
+        loss, info = ppo_clip_loss(
+            new.flatten(), part.log_probs.flatten(), advantages.flatten(), cfg.clip_range, cfg.adv_clip_max
+        )
+        return loss, {
+            **info,
+            "weight": float(len(idx)),
+        }  # approx_kl and clipfrac are means over the trajectories
 
     stats = _ppo(
         cfg.image_epochs,

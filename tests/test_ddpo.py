@@ -15,6 +15,7 @@ from stage2_generation.ddpo import (
     guided_model_output,
     ppo_clip_loss,
     recompute_log_prob,
+    recompute_log_probs,
     sample_with_logprob,
 )
 
@@ -49,6 +50,12 @@ def unet() -> UNet2DConditionModel:
         norm_num_groups=4,
     )
     return model.eval()
+
+
+def copy_of(unet: UNet2DConditionModel, trainable: bool) -> UNet2DConditionModel:
+    copy = UNet2DConditionModel.from_config(unet.config).eval()
+    copy.load_state_dict(unet.state_dict())
+    return copy.requires_grad_(trainable)
 
 
 def embeddings(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +210,65 @@ def test_recomputed_log_probs_reproduce_the_rollout(unet: UNet2DConditionModel):
     assert torch.allclose(sub, traj.log_probs[[2, 0], 3], atol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_all_steps_at_once_equal_one_step_at_a_time(unet: UNet2DConditionModel, keep: bool):
+    """recompute_log_probs (one UNet call over B*T samples; with `keep`, only the conditional half) gives the
+    per-step log-probabilities, and the same gradient to the prompt embeddings, as recompute_log_prob step by step."""
+    scheduler = make_scheduler()
+    prompt, negative = embeddings(8)
+    unet = copy_of(unet, trainable=False)  # as stage 2's UNet is
+    traj = sample_with_logprob(
+        unet, scheduler, prompt, negative, steps=STEPS, guidance=GUIDANCE, eta=1.0, shape=SHAPE,
+        generator=torch.Generator().manual_seed(8), keep_unconditional=keep,
+    )  # fmt: skip
+    assert (traj.unconditional is not None) == keep
+    if keep:
+        assert traj.unconditional.shape == (BATCH, STEPS, *SHAPE)
+    weights = torch.randn(BATCH, STEPS, generator=torch.Generator().manual_seed(9))
+
+    one = prompt.clone().requires_grad_()
+    per_step = torch.stack(
+        [
+            recompute_log_prob(unet, scheduler, traj, j, GUIDANCE, 1.0, prompt_embeds=one)
+            for j in range(STEPS)
+        ],
+        1,
+    )
+    (per_step * weights).sum().backward()
+    at_once = prompt.clone().requires_grad_()
+    batched = recompute_log_probs(unet, scheduler, traj, GUIDANCE, 1.0, prompt_embeds=at_once)
+    (batched * weights).sum().backward()
+
+    assert batched.shape == (BATCH, STEPS)
+    assert torch.allclose(batched, per_step, atol=1e-5)
+    assert torch.allclose(batched, traj.log_probs, atol=1e-5)  # the first PPO ratio is 1
+    assert one.grad.abs().sum() > 0
+    assert torch.allclose(at_once.grad, one.grad, rtol=1e-3, atol=1e-6)
+    # A minibatch keeps its own unconditional outputs.
+    part = traj.select(torch.tensor([2, 0]))
+    sub = recompute_log_probs(unet, scheduler, part, GUIDANCE, 1.0)
+    assert torch.allclose(sub, traj.log_probs[[2, 0]], atol=1e-5)
+
+
+def test_kept_unconditional_outputs_are_refused_for_a_unet_that_trains(unet: UNet2DConditionModel):
+    prompt, negative = embeddings(10)
+    traj = sample_with_logprob(
+        unet, make_scheduler(), prompt, negative, steps=STEPS, guidance=GUIDANCE, eta=1.0, shape=SHAPE,
+        keep_unconditional=True,
+    )  # fmt: skip
+    trained = copy_of(unet, trainable=True)
+    with pytest.raises(DppmgError, match="keep_unconditional=False"):
+        recompute_log_probs(trained, make_scheduler(), traj, GUIDANCE, 1.0)
+    # Without kept outputs both halves run and the trainable UNet is scored as it is.
+    fresh = sample_with_logprob(
+        unet, make_scheduler(), prompt, negative, steps=STEPS, guidance=GUIDANCE, eta=1.0, shape=SHAPE,
+        generator=torch.Generator().manual_seed(11),
+    )  # fmt: skip
+    assert torch.allclose(
+        recompute_log_probs(trained, make_scheduler(), fresh, GUIDANCE, 1.0), fresh.log_probs, atol=1e-5
+    )
+
+
 def test_guidance_one_is_the_conditional_output_alone(unet: UNet2DConditionModel):
     prompt, negative = embeddings(0)
     scheduler = make_scheduler()
@@ -233,9 +299,7 @@ LEARNING_RATES = {"unet": 1e-3, "prompt_embeds": 30.0}
 def test_a_positive_advantage_step_raises_that_samples_log_prob(unet: UNet2DConditionModel, trained: str):
     scheduler = make_scheduler()
     traj = rollout(unet, scheduler, seed=7)
-    policy = UNet2DConditionModel.from_config(unet.config).eval()
-    policy.load_state_dict(unet.state_dict())
-    policy.requires_grad_(trained == "unet")
+    policy = copy_of(unet, trainable=trained == "unet")
     # The project trains the prompt's token rows, so gradients must also reach the prompt embeddings.
     embeds = torch.nn.Parameter(traj.prompt_embeds.clone(), requires_grad=trained == "prompt_embeds")
     params = list(policy.parameters()) if trained == "unet" else [embeds]
