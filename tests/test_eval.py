@@ -135,6 +135,39 @@ def test_the_one_prompt_ablations_are_their_sources_composed(evaluated):
         assert r[name]["personalization_image"]["mean"] == r[image_from]["personalization_image"]["mean"]
 
 
+def test_best_of_n_keeps_the_candidate_pmg_would_keep(evaluated):
+    """dppmg_best_of_n: dppmg's texts; among N images from PMG's candidate noise, the one with the highest z."""
+    from stage2_generation.generators import encode_prompts
+    from stage2_generation.pmg import generate_candidates, score_candidates
+    from stage2_generation.rewards import pmg_objective
+
+    _, cfg, _ = evaluated
+    ev = run_mod._open(cfg_for(evaluated[0], "eval.pmg.candidates=3", "eval.pmg.alpha=0.7"), progress=False)
+    pairs = ev.pairs[:5]
+    best = run_mod.build_method(ev, "dppmg_best_of_n", progress=False)
+    assert (best.candidates, best.alpha) == (3, 0.7)
+    g = best.generate(pairs, 2, progress=False)
+    plain = run_mod.build_method(ev, "dppmg", progress=False).generate(pairs, 2, progress=False)
+    assert g.texts == plain.texts
+    # The same candidates drawn again, with the dppmg tokens loaded: the kept image is the argmax of z.
+    policy = ev.components.policy
+    with torch.no_grad():
+        states = encode_prompts(policy.gen.pipe, policy.image_prompts(pairs, True))
+        negative = encode_prompts(policy.gen.pipe, [""])
+    g_cfg = cfg.stage2.generation
+    candidates = generate_candidates(
+        policy.gen.pipe, states, negative, 3, g_cfg.image_steps, g_cfg.guidance, 2, g_cfg.batch_size, False
+    )
+    scores = score_candidates(ev.components.rewarder, pairs, candidates)
+    assert not np.array_equal(candidates[:, 0], candidates[:, 1])  # the candidates differ: a real choice
+    z = pmg_objective(torch.nan_to_num(scores.personalization), torch.nan_to_num(scores.fidelity), 0.7)
+    chosen = np.asarray(g.info["chosen"])
+    assert np.array_equal(chosen, z.argmax(dim=1).numpy())
+    np.testing.assert_array_equal(g.images, candidates[np.arange(len(pairs)), chosen])
+    # Not a default method: eval runs it only when eval.methods names it.
+    assert "dppmg_best_of_n" not in cfg.eval.methods
+
+
 def test_downstream_reports_recall_with_and_without_the_generated_features(evaluated):
     _, cfg, out = evaluated
     d = read_json(out / "results.json")["downstream"]

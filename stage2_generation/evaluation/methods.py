@@ -10,6 +10,8 @@
     dppmg_continuous      no VQ: each user's continuous preference vector injected as one soft token, grounded
                           and RL-trained like the codes (`continuous_checkpoint`)
     oracle                synthetic world only: catalogue items that have the user's true tastes
+    dppmg_best_of_n       dppmg's tokens with PMG's selection: N images per pair, the one with the highest
+                          z = a log d_p + (1 - a) log d_t kept (PMG's N and a), at PMG's image cost; opt-in
 
 Every method generates with the same generation settings (`stage2.generation`), and image i of a call starts
 from the noise of (seed, i) (text i samples with its own generator of (seed, i) too), so two methods called with
@@ -65,6 +67,7 @@ LABELS = {
     "dppmg_no_consistency": "DPPMG, RL without consistency",
     "dppmg_continuous": "DPPMG, continuous (no VQ)",
     "oracle": "oracle (catalogue)",
+    "dppmg_best_of_n": "DPPMG, best of N (PMG's selection)",
 }
 
 
@@ -99,22 +102,35 @@ def generate_with_tokens(
     Pair k's text and image are seeded by (seed, indices[k]) (default k), so a shard of a list of pairs, given its
     positions in the whole list, gets what the whole list would.
     """
+    texts, text_seconds, tokens = token_texts(policy, pairs, g, seed, text_tokens, progress, indices)
+    start = time.perf_counter()
+    images = generate_images(
+        policy.gen.pipe, policy.image_prompts(pairs, image_tokens), steps=g.image_steps, guidance=g.guidance,
+        seed=seed, batch_size=g.batch_size, progress=progress, indices=indices,
+    )  # fmt: skip
+    return texts, images, text_seconds, time.perf_counter() - start, tokens
+
+
+def token_texts(
+    policy: Policy,
+    pairs: Sequence[Pair],
+    g: GenerationConfig,
+    seed: int,
+    text_tokens: bool,
+    progress: bool = True,
+    indices: Sequence[int] | None = None,
+) -> tuple[list[str], float, int]:
+    """(texts, seconds, generated tokens): `generate_with_tokens`'s text half."""
     gen = policy.gen
     start = time.perf_counter()
     texts = generate_texts(
         gen.lm, gen.lm_tokenizer, policy.text_prompts(pairs, text_tokens), max_new_tokens=g.max_new_tokens,
         temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=progress, indices=indices,
     )  # fmt: skip
-    text_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    images = generate_images(
-        gen.pipe, policy.image_prompts(pairs, image_tokens), steps=g.image_steps, guidance=g.guidance,
-        seed=seed, batch_size=g.batch_size, progress=progress, indices=indices,
-    )  # fmt: skip
-    image_seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     # Generated tokens, counted by re-tokenizing (the EOS that ended a text counts as one).
     tokens = sum(len(gen.lm_tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-    return texts, images, text_seconds, image_seconds, tokens
+    return texts, seconds, tokens
 
 
 @dataclass
@@ -136,6 +152,51 @@ class TokenMethod:
         )
         info = {"text_seconds": ts, "image_seconds": is_, "tokens": tokens}
         return Generation(texts, images, ts + is_, info)
+
+
+@dataclass
+class BestOfNMethod:
+    """A token method's texts, and for its images PMG's selection (`pmg.generate_candidates`, `score_candidates`):
+    N images per pair from the noise of (seed, pair, n), PMG's own candidates' noise, the one with the highest z
+    kept. The comparison with PMG at equal image cost; info keeps every candidate's scores and the choice."""
+
+    name: str
+    tokens: TokenMethod
+    rewarder: Any  # evaluate.Rewarder: the scorer's image personalization and fidelity of the candidates
+    candidates: int
+    alpha: float
+
+    def generate(self, pairs: Sequence[Pair], seed: int, progress: bool = True) -> Generation:
+        from stage2_generation.generators import encode_prompts
+        from stage2_generation.pmg import generate_candidates, score_candidates
+
+        t = self.tokens
+        if t.tokens_file is not None:
+            load_injected(t.tokens_file, t.policy.injected)
+        texts, text_seconds, tokens = token_texts(
+            t.policy, pairs, t.generation, seed, t.text_tokens, progress
+        )
+        start = time.perf_counter()
+        pipe, g = t.policy.gen.pipe, t.generation
+        with torch.no_grad():
+            states = encode_prompts(pipe, t.policy.image_prompts(pairs, t.image_tokens))
+            negative = encode_prompts(pipe, [""])
+        candidates = generate_candidates(
+            pipe, states, negative, self.candidates, g.image_steps, g.guidance, seed, g.batch_size, progress
+        )
+        scores = score_candidates(self.rewarder, pairs, candidates)
+        chosen = scores.select(self.alpha).numpy()
+        image_seconds = time.perf_counter() - start
+        info = {
+            "text_seconds": text_seconds,
+            "image_seconds": image_seconds,
+            "tokens": tokens,
+            "chosen": chosen,
+            "candidate_personalization": scores.personalization.tolist(),
+            "candidate_fidelity": scores.fidelity.tolist(),
+        }
+        images = candidates[np.arange(len(pairs)), chosen]
+        return Generation(texts, images, text_seconds + image_seconds, info)
 
 
 # The ablations whose prompts are two other methods' prompts: (the method their texts come from, their images').

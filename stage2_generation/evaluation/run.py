@@ -40,6 +40,7 @@ from stage2_generation.evaluation.downstream import downstream_pairs, downstream
 from stage2_generation.evaluation.methods import (
     COMPOSED,
     TOKEN_METHODS,
+    BestOfNMethod,
     ComposedMethod,
     Generation,
     Method,
@@ -229,6 +230,10 @@ def build_method(ev: Evaluation, name: str, progress: bool = True) -> Method:
         from stage2_generation.evaluation.pmg_method import build_pmg
 
         return build_pmg(ev, progress)  # type: ignore[return-value]
+    if name == "dppmg_best_of_n":
+        pmg = ev.cfg.eval.pmg
+        tokens = TokenMethod(name, c.policy, g, ev.stage2 / TOKENS_FILE, True, True)
+        return BestOfNMethod(name, tokens, c.rewarder, pmg.candidates, pmg.alpha)
     if name in COMPOSED:
         texts_from, images_from = COMPOSED[name]
         return ComposedMethod(name, build_method(ev, texts_from), build_method(ev, images_from))
@@ -390,6 +395,8 @@ def _cached(
 def _method_config(ev: Evaluation, name: str) -> Any:
     if name == "pmg":
         return to_dict(ev.cfg.eval.pmg)
+    if name == "dppmg_best_of_n":
+        return {"candidates": ev.cfg.eval.pmg.candidates, "alpha": ev.cfg.eval.pmg.alpha}
     if name in ("dppmg_no_consistency", "dppmg_continuous") or name.startswith("dppmg_fidelity"):
         return to_dict(ev.cfg.stage2.rl)
     return None
