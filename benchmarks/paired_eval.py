@@ -4,7 +4,7 @@
 
 results.md takes every difference against `dppmg`; this prints A − B for two other methods, with eval's own
 statistics: each pair's score averaged over the seeds of `eval.seeds`, then a paired 95 % bootstrap interval over
-the pairs (`dppmg.bootstrap.paired_difference`, `eval.bootstrap_samples`). Pass the config and overrides eval ran
+the pairs (`run.pool_seeds`, `dppmg.bootstrap.paired_difference`, `eval.bootstrap_samples`). Pass the config and overrides eval ran
 with (the cache belongs to them); a method eval has not run with them is refused, nothing is generated.
 """
 
@@ -36,8 +36,7 @@ class Cached:
 def per_pair(ev: run_mod.Evaluation, name: str) -> dict[str, np.ndarray]:
     """metric -> float [pairs]: the method's per-pair scores averaged over the seeds."""
     per_seed = [run_mod._cached(ev, Cached(name), seed, progress=False)[1] for seed in ev.cfg.eval.seeds]
-    with np.errstate(all="ignore"):
-        return {m: np.nanmean(np.stack([s[m] for s in per_seed]), axis=0) for m in per_seed[0]}
+    return {m: run_mod.pool_seeds(np.stack([s[m] for s in per_seed])) for m in per_seed[0]}
 
 
 def main() -> None:

@@ -245,15 +245,23 @@ def _guided(
     prompt_embeds: Tensor,
     negative_embeds: Tensor | None,
     guidance: float,
+    unconditional: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """(guided output, the unconditional output or None when guidance is off): `guided_model_output`'s work."""
+    """(guided output, the unconditional output or None when guidance is off): `guided_model_output`'s work.
+
+    `unconditional`, the same frozen UNet's unconditional output at this (sample, timestep), is used instead of
+    running the unconditional half again (`recompute_log_probs`).
+    """
     if negative_embeds is None and guidance != 1.0:
         raise DppmgError(
             f"classifier-free guidance {guidance} needs negative (unconditional) prompt embeddings"
         )
-    if negative_embeds is None or guidance == 1.0:
+    if negative_embeds is None or guidance == 1.0 or unconditional is not None:
         model_input = scheduler.scale_model_input(sample, timestep)
-        return unet(model_input, timestep, encoder_hidden_states=prompt_embeds).sample, None
+        cond = unet(model_input, timestep, encoder_hidden_states=prompt_embeds).sample
+        if negative_embeds is None or guidance == 1.0:
+            return cond, None
+        return unconditional + guidance * (cond - unconditional), unconditional
     if torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.numel() > 1:
         timestep = torch.cat([timestep, timestep])  # a timestep per sample, for both halves
     model_input = scheduler.scale_model_input(torch.cat([sample, sample]), timestep)
@@ -363,19 +371,17 @@ def recompute_log_probs(
     x_prev = traj.latents[:, 1:].reshape(flat)
     t = traj.timesteps.repeat(b)
     states = embeds.repeat_interleave(steps, dim=0)
-    if traj.unconditional is not None and guidance != 1.0:
+    kept = None
+    if traj.unconditional is not None:
         if any(p.requires_grad for p in unet.parameters()):
             raise DppmgError(
                 "the trajectory's kept unconditional outputs are stale for a UNet that trains: sample it with "
                 "keep_unconditional=False"
             )
-        cond = unet(scheduler.scale_model_input(x_t, t), t, encoder_hidden_states=states).sample
-        uncond = traj.unconditional.reshape(flat)
-        output = uncond + guidance * (cond - uncond)
-    else:
-        negative = traj.negative_embeds
-        negative = None if negative is None else negative.repeat_interleave(steps, dim=0)
-        output = guided_model_output(unet, scheduler, x_t, t, states, negative, guidance)
+        kept = traj.unconditional.reshape(flat)
+    negative = traj.negative_embeds
+    negative = None if negative is None else negative.repeat_interleave(steps, dim=0)
+    output, _ = _guided(unet, scheduler, x_t, t, states, negative, guidance, unconditional=kept)
     log_prob = ddim_step_with_logprob(scheduler, output, t, x_t, eta, prev_sample=x_prev).log_prob
     return log_prob.reshape(b, steps)
 

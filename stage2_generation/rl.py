@@ -280,10 +280,8 @@ def image_round(
         loss, info = ppo_clip_loss(
             new.flatten(), part.log_probs.flatten(), advantages.flatten(), cfg.clip_range, cfg.adv_clip_max
         )
-        return loss, {
-            **info,
-            "weight": float(len(idx)),
-        }  # approx_kl and clipfrac are means over the trajectories
+        # approx_kl and clipfrac are means over the minibatch's trajectories, each weighing its steps alike.
+        return loss, {**info, "weight": float(len(idx))}
 
     stats = _ppo(
         cfg.image_epochs,

@@ -455,6 +455,12 @@ def tradeoff_points(
     return out
 
 
+def pool_seeds(values: np.ndarray) -> np.ndarray:
+    """float [pairs]: each pair's score [seeds, pairs] averaged over the seeds (a metric never finite stays NaN)."""
+    with np.errstate(all="ignore"):
+        return np.nanmean(values, axis=0) if np.isfinite(values).any() else values[0]
+
+
 def summarise(
     ev: Evaluation, results: dict[str, dict[str, np.ndarray]], div: dict[str, dict[str, np.ndarray]]
 ) -> dict[str, Any]:
@@ -466,8 +472,7 @@ def summarise(
         per_pair[name] = {}
         row = {}
         for metric, values in scores.items():  # [seeds, pairs]
-            with np.errstate(all="ignore"):
-                pooled = np.nanmean(values, axis=0) if np.isfinite(values).any() else values[0]
+            pooled = pool_seeds(values)
             per_pair[name][metric] = pooled
             i = bootstrap_mean(pooled, n_boot=n_boot, seed=seed).as_dict()
             i["seed_means"] = [float(np.nanmean(v)) if np.isfinite(v).any() else None for v in values]
