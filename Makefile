@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-ddpo bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages bench-distributed browser clean-venv
+.PHONY: setup models sweep test test-all lint format data stats stage1 stage2 eval bench bench-data bench-stage1 bench-ddpo bench-stage2 bench-stage2-users bench-movielens bench-eval bench-precision bench-pages bench-distributed browser clean-venv
 
 MODELS_STAMP := $(VENV)/.models-installed
 # Targets whose config names an offline pretrained model depend on `models` (a no-op once it has run).
@@ -80,7 +80,7 @@ endif
 eval: $(STAMP) models  # PMG reads histories with SmolLM2 (eval.pmg.llm) wherever it is installed
 	$(DPPMG) eval $(CONFIG) $(ARGS)
 
-bench: bench-data bench-stage1 bench-ddpo bench-stage2 bench-stage2-users bench-movielens bench-eval bench-pages
+bench: bench-data bench-stage1 bench-ddpo bench-stage2 bench-stage2-users bench-movielens bench-eval bench-precision bench-pages
 
 bench-data: $(STAMP) $(NEEDS_MODELS)
 	$(PY) benchmarks/bench_data.py $(ARGS)
@@ -111,6 +111,11 @@ bench-movielens: models
 # `dppmg eval` timed after the stages of CONFIG's run, with issue #12's targets checked on eval/results.json.
 bench-eval: models
 	$(PY) benchmarks/bench_eval.py --config $(CONFIG) $(ARGS)
+
+# After bench-eval (about 3 minutes on the default world): image sampling at fp32 and at bf16 on CONFIG's held-out
+# pairs, side by side: the speed-up and every metric's paired difference.
+bench-precision: $(STAMP)
+	$(PY) benchmarks/bench_precision.py --config $(CONFIG) $(ARGS)
 
 # The pages of CONFIG's run (stage2/gallery.html, eval/index.html) in headless Chromium; after bench-eval.
 bench-pages: $(STAMP)

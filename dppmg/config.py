@@ -24,6 +24,7 @@ IMAGE_ENCODERS = ("scorer", "efficientnet-lite0")  # features.image_encoder (dpp
 # stage2.generation.image_judge_reference: the real images the judge compares with, at full size or at the
 # generation shape (stage2_generation/judges.py)
 JUDGE_REFERENCES = ("full", "shape")
+PRECISIONS = ("auto", "fp32", "bf16")  # stage2.generation.precision (dppmg/device.py)
 # Mappings that a source replaces, where OmegaConf would merge them into the defaults: a reward ablation
 # `stage2.rl.weights={consistency: 1.0}` must leave one term, not add it to the four default ones.
 REPLACED_MAPPINGS = ("stage2.rl.weights",)
@@ -412,6 +413,11 @@ class GenerationConfig:
     # 0.139 / 0.122, and fidelity is higher too (BENCHMARKS.md, "Stage 2"). Pretrained Stable Diffusion wants ~7.5.
     guidance: float = 1.5
     batch_size: int = 32
+    # Precision of image sampling (never of training): fp32 | bf16 (the UNet and the prompt encoder under bfloat16
+    # autocast) | auto (bf16 on a CPU with AMX tiles, where it is 2x faster, else fp32; dppmg/device.py). On the
+    # default world bf16 moves no eval metric significantly (BENCHMARKS.md, "Sampling in bfloat16"). Not part of
+    # the stage-2 fingerprint, like the device; stage2/metrics.json and eval/results.json record what ran.
+    precision: str = "auto"
     # A pretrained image encoder that judges the generated images, independently of the reward (which uses the
     # scorer): similarity to the user's history images and to the target image in its feature space, plus SSIM.
     # null: no judge (the synthetic world has its attribute judge). "efficientnet-lite0" ships offline.
@@ -735,6 +741,7 @@ def _validate_stage2(s2: Stage2Config) -> None:
     if gen.image_judge is not None:
         _choice("stage2.generation.image_judge", gen.image_judge, IMAGE_ENCODERS[1:])
     _choice("stage2.generation.image_judge_reference", gen.image_judge_reference, JUDGE_REFERENCES)
+    _choice("stage2.generation.precision", gen.precision, PRECISIONS)
     if not 0 < g.typical_share <= 1:
         raise DppmgError(
             f"stage2.grounding.typical_share must be in (0, 1] (1 grounds on every interaction), "

@@ -66,7 +66,7 @@ from transformers import (
 )
 
 from dppmg.config import GeneratorConfig
-from dppmg.device import resolve_device
+from dppmg.device import resolve_device, sampling_autocast
 from dppmg.errors import DppmgError
 from dppmg.io import commit_dir, read_json, staging_dir, write_json
 from dppmg.models import HUB_ID, load_causal_lm
@@ -578,8 +578,10 @@ def generate_images(
     batch_size: int = 16,
     progress: bool = True,
     indices: Sequence[int] | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """uint8 [N, H, W, 3] images for the prompts (DDIM with classifier-free guidance when guidance > 1).
+    """uint8 [N, H, W, 3] images for the prompts (DDIM with classifier-free guidance when guidance > 1), sampled
+    at `precision` (`device.sampling_autocast`).
 
     Image i starts from noise seeded by (seed, indices[i]) (default indices 0..N-1), so it does not depend on the
     batch size or on the other prompts, and the pipeline's scheduler with eta = 0 makes the rest deterministic. A
@@ -598,16 +600,17 @@ def generate_images(
         generators = [
             torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices[start : start + batch_size]
         ]
-        out = pipe(
-            prompt=chunk,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="latent" if pixel_space else "np",
-            return_dict=False,
-        )[0]
+        with sampling_autocast(precision, pipe.device):
+            out = pipe(
+                prompt=chunk,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="latent" if pixel_space else "np",
+                return_dict=False,
+            )[0]
         if pixel_space:  # the final sample, [B, 3, H, W] in [-1, 1]
             pixels01 = (out.float().clamp(-1, 1) + 1) / 2
             images.append(pixels01.permute(0, 2, 3, 1).cpu().numpy())

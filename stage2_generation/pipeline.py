@@ -35,6 +35,7 @@ from PIL import Image
 from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, load_config, to_dict
 from dppmg.data.format import ProcessedDataset, load_dataset
+from dppmg.device import sampling_precision
 from dppmg.distributed import (
     SINGLE,
     Dist,
@@ -120,6 +121,7 @@ def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) ->
     s2.pop("overwrite", None)
     s2.pop("stage1_run", None)  # which folder the tokens come from; their digest is what counts
     s2["generators"].pop("device", None)
+    s2["generation"].pop("precision", None)  # how sampling computes, like the device: not what the run is
     s2["generation"] = without_later_keys(s2["generation"], LATER_GENERATION_KEYS)
     digest = ckpt.digest()
     blob = json.dumps(
@@ -304,7 +306,7 @@ def more_images(
     for s in range(1, g.images_per_pair):
         images = generate_images(
             policy.gen.pipe, prompts, steps=g.image_steps, guidance=g.guidance, seed=cfg.seed,
-            batch_size=g.batch_size, progress=progress, indices=[s * n + k for k in mine],
+            batch_size=g.batch_size, progress=progress, indices=[s * n + k for k in mine], precision=g.precision,
         )  # fmt: skip
         out.append(np.stack(gather_rows(dist, mine, list(images), n)) if dist.active else images)
     seconds = time.perf_counter() - start
@@ -593,6 +595,7 @@ def _finish(
         # drawn per pair (each pair's scores are the means over them).
         "heldout_pairs": n,
         "heldout_images_per_pair": rl_eval.samples,
+        "heldout_precision": sampling_precision(cfg.stage2.generation.precision, policy.gen.pipe.device),
         "heldout_ci": ci,
         "heldout_differences": diffs,
         # What perfectly matching real items score on a world with ground truth (oracle_metrics), and the

@@ -62,6 +62,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from dppmg.config import GenerationConfig, PMGConfig, WarmStartConfig
 from dppmg.data.format import ProcessedDataset
 from dppmg.data.imageio import load_image_array
+from dppmg.device import sampling_autocast
 from dppmg.errors import DppmgError
 from dppmg.models import HUB_ID, load_causal_lm, packaged, resolve_causal_lm
 from stage2_generation.evaluate import Rewarder, user_histories
@@ -748,8 +749,10 @@ def generate_candidates(
     seed: int,
     batch_size: int,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """uint8 [P, N, H, W, 3]: N images per row of `states` [P, L, D] (`negative` [1, L, D] for guidance).
+    """uint8 [P, N, H, W, 3]: N images per row of `states` [P, L, D] (`negative` [1, L, D] for guidance), sampled at
+    `precision` (`device.sampling_autocast`).
 
     Candidate n of pair p starts from noise seeded by (seed, p, n), whatever the batch size or the other pairs.
     """
@@ -760,12 +763,13 @@ def generate_candidates(
     for start in tqdm(starts, desc="PMG: images", disable=not progress or len(starts) <= 1):
         chunk = rows[start : start + batch_size]
         index = torch.tensor([p for p, _ in chunk], device=states.device)
-        samples = pipe(
-            prompt_embeds=states[index], negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
-            height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
-            generator=[torch.Generator().manual_seed(candidate_seed(seed, p, n)) for p, n in chunk],
-            output_type="latent", return_dict=False,
-        )[0]  # fmt: skip
+        with sampling_autocast(precision, pipe.device):
+            samples = pipe(
+                prompt_embeds=states[index], negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
+                height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+                generator=[torch.Generator().manual_seed(candidate_seed(seed, p, n)) for p, n in chunk],
+                output_type="latent", return_dict=False,
+            )[0]  # fmt: skip
         out.append(samples_to_uint8(pipe, samples))
     return np.concatenate(out).reshape(len(states), candidates, height, width, 3)
 
@@ -928,8 +932,9 @@ class PMGMethod:
         states = conditioning(encode_prompts(pipe, prompts), soft_rows.to(pipe.unet.device))  # [P, S + K, D]
         negative = unconditional(pipe, self.soft.num_tokens)
         return generate_candidates(
-            pipe, states, negative, self.candidates, g.image_steps, g.guidance, seed, g.batch_size, progress
-        )
+            pipe, states, negative, self.candidates, g.image_steps, g.guidance, seed, g.batch_size, progress,
+            g.precision,
+        )  # fmt: skip
 
     def text_prompts(self, pairs: Sequence[Pair], keywords: Sequence[Sequence[str]]) -> list[str]:
         """The text generator's prompts: the warm-start template with the preference keywords in the tokens slot."""

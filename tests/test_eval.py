@@ -1,5 +1,6 @@
 """`dppmg eval` on the debug world: every method, the metric list, intervals, outputs, cache, ablations, contract."""
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 from helpers import FakeWandb, text_token_checkpoint
 
 from dppmg.cli import main
-from dppmg.config import load_config
+from dppmg.config import load_config, to_dict
+from dppmg.device import sampling_precision
 from dppmg.errors import DppmgError
 from dppmg.io import read_json
 from dppmg.tokens import TokenCheckpoint
@@ -61,6 +63,7 @@ def test_eval_scores_every_method_on_the_same_pairs(evaluated):
     r = read_json(out / "results.json")
     assert list(r["methods"]) == cfg.eval.methods  # the synthetic world has the oracle too
     assert r["pairs"] == 4 and r["seeds"] == [0, 1, 2]
+    assert r["precision"] == sampling_precision(cfg.stage2.generation.precision)
     for name, row in r["methods"].items():
         for metric in ("personalization", "consistency", "fidelity", "hit_image", "judge_consistency"):
             i = row[metric]
@@ -115,6 +118,25 @@ def test_a_rerun_reuses_the_cached_generations(evaluated, monkeypatch):
     assert after["dppmg"]["personalization"] == before["dppmg"]["personalization"]
 
 
+def test_cache_keys_name_the_precision_sampling_resolves_to(evaluated, monkeypatch):
+    """bf16 generations get keys of their own; fp32 ones keep the keys they had before the precision key."""
+    _, cfg, _ = evaluated
+    pipe = SimpleNamespace(device=torch.device("cpu"))
+    ev = SimpleNamespace(
+        cfg=copy.deepcopy(cfg),
+        components=SimpleNamespace(policy=SimpleNamespace(gen=SimpleNamespace(pipe=pipe))),
+    )
+    before = to_dict(cfg.stage2.generation)
+    del before["precision"]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    ev.cfg.stage2.generation.precision = "auto"
+    assert run_mod.generation_key(ev) == before
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert run_mod.generation_key(ev) == {**before, "precision": "bf16"}
+    ev.cfg.stage2.generation.precision = "fp32"
+    assert run_mod.generation_key(ev) == before
+
+
 def test_the_one_prompt_ablations_are_their_sources_composed(evaluated):
     """text_tokens_only = dppmg's texts + none's images (and the converse), exactly as generating them would give."""
     _, cfg, out = evaluated
@@ -156,8 +178,9 @@ def test_best_of_n_keeps_the_candidate_pmg_would_keep(evaluated):
         negative = encode_prompts(policy.gen.pipe, [""])
     g_cfg = cfg.stage2.generation
     candidates = generate_candidates(
-        policy.gen.pipe, states, negative, 3, g_cfg.image_steps, g_cfg.guidance, 2, g_cfg.batch_size, False
-    )
+        policy.gen.pipe, states, negative, 3, g_cfg.image_steps, g_cfg.guidance, 2, g_cfg.batch_size, False,
+        g_cfg.precision,
+    )  # fmt: skip
     scores = score_candidates(ev.components.rewarder, pairs, candidates)
     assert not np.array_equal(candidates[:, 0], candidates[:, 1])  # the candidates differ: a real choice
     z = pmg_objective(torch.nan_to_num(scores.personalization), torch.nan_to_num(scores.fidelity), 0.7)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dppmg.config import Config, GeneratorConfig
+from dppmg.config import Config, GeneratorConfig, load_config
+from dppmg.device import sampling_precision
 from dppmg.errors import DppmgError
 from stage2_generation.generators import (
     MANIFEST_FILE,
@@ -215,6 +216,45 @@ def test_generate_images_shapes_and_per_image_seeds(gen: Generators):
     other = generate_images(gen.pipe, PROMPTS[:1], steps=2, guidance=3.0, seed=1)
     assert np.abs(other[0].astype(int) - images[0].astype(int)).mean() > 1
     assert generate_images(gen.pipe, [], steps=2).shape == (0, SIDE, SIDE, 3)
+
+
+def test_bf16_sampling_stays_close_to_fp32_and_keeps_the_sampler_in_fp32(gen: Generators, monkeypatch):
+    seen = []
+    step = gen.pipe.scheduler.step
+
+    def watched(model_output, t, sample, *args, **kwargs):
+        seen.append((model_output.dtype, sample.dtype))
+        return step(model_output, t, sample, *args, **kwargs)
+
+    monkeypatch.setattr(gen.pipe.scheduler, "step", watched)
+    kwargs = {"steps": 4, "guidance": 1.5, "seed": 0, "progress": False}
+    fp32 = generate_images(gen.pipe, PROMPTS, **kwargs, precision="fp32").astype(int)
+    assert set(seen) == {(torch.float32, torch.float32)}
+    seen.clear()
+    bf16 = generate_images(gen.pipe, PROMPTS, **kwargs, precision="bf16").astype(int)
+    # The UNet answers in bfloat16; the DDIM update and the sample it keeps stay float32.
+    assert set(seen) == {(torch.bfloat16, torch.float32)}
+    assert bf16.shape == fp32.shape
+    assert 0 < np.abs(bf16 - fp32).mean() < 4  # of 255: the same images, to bfloat16's rounding
+    assert not torch.is_autocast_enabled("cpu")  # the block ended with the call
+
+
+def test_sampling_precision_auto_means_bf16_only_on_a_cpu_with_amx(monkeypatch):
+    assert sampling_precision("fp32") == "fp32" and sampling_precision("bf16", "cuda") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert sampling_precision("auto", "cpu") == "bf16"
+    assert sampling_precision("auto", torch.device("cuda", 0)) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert sampling_precision("auto") == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the private check
+    assert sampling_precision("auto") == "fp32"
+
+
+def test_config_names_a_bad_precision():
+    with pytest.raises(
+        DppmgError, match=r"stage2\.generation\.precision='fp16' is not one of: auto, fp32, bf16"
+    ):
+        load_config(None, ["stage2.generation.precision=fp16"])
 
 
 # --- building, saving, loading ------------------------------------------------------------------------------

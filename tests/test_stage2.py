@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList
 from dppmg import cli as cli_mod
 from dppmg.cli import main
 from dppmg.config import load_config
+from dppmg.device import sampling_precision
 from dppmg.errors import DppmgError
 from dppmg.image_encoder import EfficientNetEncoder
 from dppmg.io import read_json
@@ -303,6 +304,7 @@ def test_the_image_judge_and_the_intervals_reach_metrics_json(world, monkeypatch
     assert set(m["heldout_differences"]) == {"grounded_minus_none", "rl_minus_none", "rl_minus_grounded"}
     # Two images per pair, both written: <user>.png and <user>~2.png.
     assert m["heldout_images_per_pair"] == 2
+    assert m["heldout_precision"] == sampling_precision(cfg.stage2.generation.precision)
     for r in rows:
         assert r["images"][0] == r["image"] and r["images"][1].endswith("~2.png"), r["images"]
         assert all((out / "generations" / name).is_file() for name in r["images"])
@@ -351,6 +353,19 @@ def test_images_per_pair_at_its_default_keeps_earlier_runs_fingerprints(world, m
 
     monkeypatch.setattr(pipeline_mod, "to_dict", before_the_key)
     assert pipeline_mod.stage2_fingerprint(cfg, "h", ckpt) == default
+
+
+def test_sampling_precision_is_not_part_of_the_fingerprint(world):
+    """Like the device, the precision says how sampling computes, not what the run is: eval at another
+    precision still finds the run finished."""
+    _, cfg = world
+    ckpt = TokenCheckpoint.load(pipeline_mod.tokens_folder(cfg))
+    prints = set()
+    for precision in ("auto", "fp32", "bf16"):
+        other = copy.deepcopy(cfg)
+        other.stage2.generation.precision = precision
+        prints.add(pipeline_mod.stage2_fingerprint(other, "h", ckpt))
+    assert len(prints) == 1
 
 
 def test_rerun_is_a_no_op_and_another_config_needs_overwrite(finished, monkeypatch):

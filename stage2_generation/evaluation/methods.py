@@ -106,7 +106,7 @@ def generate_with_tokens(
     start = time.perf_counter()
     images = generate_images(
         policy.gen.pipe, policy.image_prompts(pairs, image_tokens), steps=g.image_steps, guidance=g.guidance,
-        seed=seed, batch_size=g.batch_size, progress=progress, indices=indices,
+        seed=seed, batch_size=g.batch_size, progress=progress, indices=indices, precision=g.precision,
     )  # fmt: skip
     return texts, images, text_seconds, time.perf_counter() - start, tokens
 
@@ -182,8 +182,9 @@ class BestOfNMethod:
             states = encode_prompts(pipe, t.policy.image_prompts(pairs, t.image_tokens))
             negative = encode_prompts(pipe, [""])
         candidates = generate_candidates(
-            pipe, states, negative, self.candidates, g.image_steps, g.guidance, seed, g.batch_size, progress
-        )
+            pipe, states, negative, self.candidates, g.image_steps, g.guidance, seed, g.batch_size, progress,
+            g.precision,
+        )  # fmt: skip
         scores = score_candidates(self.rewarder, pairs, candidates)
         chosen = scores.select(self.alpha).numpy()
         image_seconds = time.perf_counter() - start

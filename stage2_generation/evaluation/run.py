@@ -28,6 +28,7 @@ import numpy as np
 from dppmg.bootstrap import bootstrap_mean, paired_difference
 from dppmg.config import Config, to_dict, to_yaml
 from dppmg.data.format import load_dataset
+from dppmg.device import sampling_precision
 from dppmg.errors import DppmgError
 from dppmg.io import atomic_path, pause_after_checkpoint, write_json, write_text
 from dppmg.log import logger
@@ -353,9 +354,7 @@ def _cached(
         pairs, prefix, extra = downstream_pairs(ev.pairs), "downstream-", (kind,)
     if ev.cfg.eval.max_pairs:  # a subset of the pairs: other generations (all pairs keep the old key)
         extra = (*extra, ("max_pairs", ev.cfg.eval.max_pairs))
-    key = cache_key(
-        ev.key, method.name, seed, to_dict(ev.cfg.stage2.generation), _method_config(ev, method.name), *extra
-    )
+    key = cache_key(ev.key, method.name, seed, generation_key(ev), _method_config(ev, method.name), *extra)
     path = ev.out / "cache" / method.name / f"{prefix}seed{seed}-{key}.npz"
     if path.is_file() and not ev.cfg.eval.overwrite:
         with np.load(path, allow_pickle=False) as z:
@@ -413,6 +412,20 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
             continue  # tensors, images: kept in memory for this run's page, not in the cache
         out[k] = v
     return out
+
+
+def _precision(ev: Evaluation) -> str:
+    return sampling_precision(ev.cfg.stage2.generation.precision, ev.components.policy.gen.pipe.device)
+
+
+def generation_key(ev: Evaluation) -> dict[str, Any]:
+    """stage2.generation as the cache keys see it: the precision that sampling resolves to on this machine, left
+    out when fp32 (the generations cached before the key existed were fp32)."""
+    g = to_dict(ev.cfg.stage2.generation)
+    del g["precision"]
+    if (precision := _precision(ev)) != "fp32":
+        g["precision"] = precision
+    return g
 
 
 def cache_key(*parts: Any) -> str:
@@ -497,6 +510,7 @@ def summarise(
         "stage2_fingerprint": ev.key,
         "pairs": len(ev.pairs),
         "seeds": list(ev.cfg.eval.seeds),
+        "precision": _precision(ev),
         "metrics": ev.judges.names() + list(DIVERSITY_METRICS),
         "methods": methods,
         "differences": differences,
