@@ -32,9 +32,11 @@ def main() -> None:
     seconds, gb = run([*DPPMG, "eval", *common])
     cfg = load_config(REPO / ns.config, ns.overrides)
     out = REPO / cfg.run_dir / "eval"
-    print(f"eval: {seconds:.0f} s, peak {gb:.2f} GB; {out}")
-    print((out / "results.md").read_text())
     results = json.loads((out / "results.json").read_text())
+    print(
+        f"eval: {seconds:.0f} s, peak {gb:.2f} GB, images sampled in {results.get('precision', 'fp32')}; {out}"
+    )
+    print((out / "results.md").read_text())
     print("targets:")
     for key, t in eval_targets(results, seconds).items():
         ci = f" [{t['ci'][0]:+.4f}, {t['ci'][1]:+.4f}]" if "ci" in t else ""

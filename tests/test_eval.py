@@ -94,6 +94,7 @@ def test_eval_writes_the_table_the_plots_and_the_page(evaluated):
     _, cfg, out = evaluated
     md = (out / "results.md").read_text()
     assert "| DPPMG |" in md and "| PMG |" in md and "dppmg −" in md
+    assert f"Images sampled in {read_json(out / 'results.json')['precision']} " in md
     for png in ("metrics.png", "tradeoff.png"):
         data = (out / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
@@ -187,6 +188,13 @@ def test_best_of_n_keeps_the_candidate_pmg_would_keep(evaluated):
     chosen = np.asarray(g.info["chosen"])
     assert np.array_equal(chosen, z.argmax(dim=1).numpy())
     np.testing.assert_array_equal(g.images, candidates[np.arange(len(pairs)), chosen])
+    # In eval its texts are dppmg's cached ones, not sampled again.
+    from stage2_generation.evaluation import methods as methods_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(methods_mod, "token_texts", lambda *a, **k: pytest.fail("texts sampled again"))
+        cached, _ = run_mod._cached(ev, best, 0, progress=False)
+    assert cached.texts == run_mod._cached(ev, run_mod.build_method(ev, "dppmg"), 0, progress=False)[0].texts
     # Not a default method: eval runs it only when eval.methods names it.
     assert "dppmg_best_of_n" not in cfg.eval.methods
 

@@ -158,24 +158,39 @@ class TokenMethod:
 class BestOfNMethod:
     """A token method's texts, and for its images PMG's selection (`pmg.generate_candidates`, `score_candidates`):
     N images per pair from the noise of (seed, pair, n), PMG's own candidates' noise, the one with the highest z
-    kept. The comparison with PMG at equal image cost; info keeps every candidate's scores and the choice."""
+    kept. The comparison with PMG at equal image cost; info keeps every candidate's scores and the choice. Its
+    texts are those of `texts_from` (dppmg: the same prompts and seed), which eval takes from its cache
+    (`with_texts`) instead of sampling them again."""
 
     name: str
     tokens: TokenMethod
     rewarder: Any  # evaluate.Rewarder: the scorer's image personalization and fidelity of the candidates
     candidates: int
     alpha: float
+    texts_from: TokenMethod
 
     def generate(self, pairs: Sequence[Pair], seed: int, progress: bool = True) -> Generation:
+        src = self.texts_from
+        if src.tokens_file is not None:
+            load_injected(src.tokens_file, src.policy.injected)
+        texts, seconds, tokens = token_texts(
+            src.policy, pairs, src.generation, seed, src.text_tokens, progress
+        )
+        only_texts = Generation(
+            texts, np.zeros((0,), np.uint8), seconds, {"text_seconds": seconds, "tokens": tokens}
+        )
+        return self.with_texts(only_texts, pairs, seed, progress)
+
+    def with_texts(
+        self, texts: Generation, pairs: Sequence[Pair], seed: int, progress: bool = True
+    ) -> Generation:
+        """`texts_from`'s generation for the same pairs and seed, with this method's images in place of its own."""
         from stage2_generation.generators import encode_prompts
         from stage2_generation.pmg import generate_candidates, score_candidates
 
         t = self.tokens
         if t.tokens_file is not None:
             load_injected(t.tokens_file, t.policy.injected)
-        texts, text_seconds, tokens = token_texts(
-            t.policy, pairs, t.generation, seed, t.text_tokens, progress
-        )
         start = time.perf_counter()
         pipe, g = t.policy.gen.pipe, t.generation
         with torch.no_grad():
@@ -188,16 +203,18 @@ class BestOfNMethod:
         scores = score_candidates(self.rewarder, pairs, candidates)
         chosen = scores.select(self.alpha).numpy()
         image_seconds = time.perf_counter() - start
+        text_seconds = texts.info.get("text_seconds", 0.0)
         info = {
             "text_seconds": text_seconds,
             "image_seconds": image_seconds,
-            "tokens": tokens,
+            "tokens": texts.info.get("tokens"),
+            "texts_from": self.texts_from.name,
             "chosen": chosen,
             "candidate_personalization": scores.personalization.tolist(),
             "candidate_fidelity": scores.fidelity.tolist(),
         }
         images = candidates[np.arange(len(pairs)), chosen]
-        return Generation(texts, images, text_seconds + image_seconds, info)
+        return Generation(list(texts.texts), images, text_seconds + image_seconds, info)
 
 
 # The ablations whose prompts are two other methods' prompts: (the method their texts come from, their images').

@@ -71,7 +71,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"{summary['pairs']} held-out (user, target) pairs, seeds {summary['seeds']}. Each cell: the mean over pairs "
         "(each pair averaged over the seeds) and its 95 % bootstrap interval. Diversity: per target shared by "
-        "several users, over the groups.",
+        f"several users, over the groups. Images sampled in {summary.get('precision', 'fp32')} "
+        "(`stage2.generation.precision`).",
         "",
         "| method | " + " | ".join(cols) + " |",
         "| --- | " + " | ".join("---" for _ in cols) + " |",
