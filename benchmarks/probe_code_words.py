@@ -77,6 +77,22 @@ def code_words(pairs, codes_of, item_words) -> dict[tuple[int, int], list[str]]:
     return named
 
 
+def judged_world(cfg):
+    """What the word probes share: stage 2's components, the attribute judge, the training interactions, the held-out
+    pairs, and each item's words (lower-case, longer than 2 letters)."""
+    c = load_components(cfg, progress=False)
+    judge = fit_judge(c.ds, seed=cfg.seed)
+    if judge is None:
+        raise DppmgError(
+            f"{c.ds.root}: no ground-truth tastes to judge by; this probe needs the synthetic world"
+        )
+    train_users, held_users = split_users(c.ds, cfg.stage2.generation.heldout_users, cfg.seed)
+    words = [
+        {w for w in re.findall(r"[a-z]+", str(t).lower()) if len(w) > 2} for t in c.ds.items["text"].tolist()
+    ]
+    return c, judge, training_pairs(c.ds, train_users), heldout_pairs(c.ds, held_users), words
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -84,20 +100,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (run_name=... for another run)")
     args = ap.parse_args()
     cfg = load_config(REPO / args.config, ["tracking.mode=disabled", *args.overrides])
-    c = load_components(cfg, progress=False)
+    c, judge, pool, pairs, item_words = judged_world(cfg)
     ds = c.ds
-    judge = fit_judge(ds, seed=cfg.seed)
-    if judge is None:
-        raise DppmgError(
-            f"{ds.root}: no ground-truth tastes to judge by; this probe needs the synthetic world"
-        )
-    train_users, held_users = split_users(ds, cfg.stage2.generation.heldout_users, cfg.seed)
-    pool = training_pairs(ds, train_users)
-    pairs = heldout_pairs(ds, held_users)
     users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]]
-    item_words = [
-        {w for w in re.findall(r"[a-z]+", str(t).lower()) if len(w) > 2} for t in ds.items["text"].tolist()
-    ]
     g, ws, stage2 = cfg.stage2.generation, cfg.stage2.warmstart, cfg.run_dir / "stage2"
 
     def score(modality: str, prompts: list[str]) -> float:

@@ -1,0 +1,193 @@
+"""Multi-vector text tokens initialised from code words: can the text tokens reach the judge's hit_text target?
+
+    .venv/bin/python benchmarks/probe_multivector.py [--config configs/default.yaml] [--seeds 3]
+        [--steps 0,1000,3000] [key=value ...]                    (default world, after stage 2)
+
+`benchmarks/probe_code_words.py` found that stage 1's text codes, spelt out as the words that set apart their users'
+items, say more than the run's trained token rows (one row per code) do. This probe gives each text code of the
+chosen levels as many rows as the BPE pieces of its top words (a multi-vector token, as textual inversion allows),
+starts the rows at those pieces' embeddings, and grounds them with stage 2's own text grounding (`grounding.fit`
+with `text_loss`, the typical interactions, the config's learning rate and batch). The words come from interactions
+and item texts only (lift over the catalogue, `probe_code_words.code_words`), never from the judge. After 0, and
+each count of `--steps` grounding steps, the warm-started LM writes texts for stage 2's held-out pairs and for 128
+training interactions, and the attribute judge scores them (hit_text: style, material and room), averaged over
+`--seeds` sampling seeds: the mean, its 95 % bootstrap interval over the pairs, and the paired difference to the
+run's own tokens after RL on the same pairs and seeds, and, so that a gain does not come from losing the target,
+how often the held-out texts name the target's category (target_hit_text). Synthetic world only (the judge needs the ground truth).
+Nothing of the run is changed: the rows live in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from probe_code_words import code_words, judged_world  # noqa: E402  (a script's folder is on sys.path)
+
+from dppmg.bootstrap import bootstrap_mean, paired_difference  # noqa: E402
+from dppmg.config import load_config  # noqa: E402
+from stage2_generation.attributes import TARGET_ATTRIBUTE, TEXT_PREFERENCE_PREFIX  # noqa: E402
+from stage2_generation.generators import generate_texts  # noqa: E402
+from stage2_generation.grounding import fit, text_loss, typical_pairs  # noqa: E402
+from stage2_generation.injection import MASKED_LOGIT, load_injected  # noqa: E402
+from stage2_generation.pipeline import TOKENS_FILE  # noqa: E402
+
+# (name, words per code, levels whose codes get rows)
+VARIANTS = (
+    ("level 0, top 3 words", 3, {0}),
+    ("level 0, top 5 words", 5, {0}),
+    ("levels 0-1, top 3", 3, {0, 1}),
+)
+
+
+class WordRows:
+    """Free input rows for new token strings, starting at given embedding rows; a hook puts them in the LM."""
+
+    def __init__(self, lm, tokenizer, strings: list[str], init: torch.Tensor):
+        tokenizer.add_tokens(strings, special_tokens=True)
+        self.first = tokenizer.convert_tokens_to_ids(strings[0])
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.rows = torch.nn.Parameter(init.clone())
+        ids = torch.arange(self.first, self.first + len(strings))
+        self.hooks = [
+            lm.get_input_embeddings().register_forward_hook(self._embed),
+            lm.get_output_embeddings().register_forward_hook(
+                lambda m, a, out: out.index_fill(-1, ids, MASKED_LOGIT)
+            ),
+        ]
+
+    def _embed(self, module, args, output):
+        local = args[0] - self.first
+        inside = (local >= 0) & (local < len(self.rows))
+        if not bool(inside.any()):
+            return output
+        picked = self.rows[local.clamp(0, len(self.rows) - 1)].to(output.dtype)
+        return torch.where(inside.unsqueeze(-1), picked, output)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--steps", default="0,1000,3000", help="grounding step counts to score at, comma-separated"
+    )
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides (run_name=... for another run)")
+    args = ap.parse_args()
+    cfg = load_config(REPO / args.config, ["tracking.mode=disabled", *args.overrides])
+    c, judge, pool, held, item_words = judged_world(cfg)
+    ds, policy, ckpt = c.ds, c.policy, c.ckpt
+    lm, tokenizer = policy.gen.lm, policy.gen.lm_tokenizer
+    trained = [pool[i] for i in np.random.default_rng(cfg.seed).choice(len(pool), 128, replace=False)]
+    texts = ds.items["text"]
+    usable = typical_pairs(
+        [p for p in pool if isinstance(texts.iat[p.item], str)],
+        c.rewarder.item_text,
+        cfg.stage2.grounding.typical_share,
+    )
+    g, gc = cfg.stage2.generation, cfg.stage2.grounding
+
+    def codes_of(user: int) -> list[int]:
+        return ckpt.codes["text"][ckpt.user_index(user)].tolist()
+
+    def hits(pairs, prompt_of: Callable, target: bool = False) -> np.ndarray:
+        """float [pairs]: each pair's share of the judged text attributes that are its user's (with `target`: whether
+        the text names the target's category), over the seeds."""
+        users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]]
+        category = ds.items[f"attr_{TARGET_ATTRIBUTE}"].astype(str).to_numpy()[[p.item for p in pairs]]
+        per_seed = []
+        for seed in range(args.seeds):
+            out = generate_texts(
+                lm, tokenizer, [prompt_of(p) for p in pairs], max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=False,
+            )  # fmt: skip
+            pred = judge.predict_texts(out)
+            if target:
+                per_seed.append(np.asarray(pred[TARGET_ATTRIBUTE], dtype=object) == category)
+                continue
+            attrs = [a for a in pred if a != TARGET_ATTRIBUTE]
+            right = [np.asarray(pred[a], dtype=object) == users[f"{TEXT_PREFERENCE_PREFIX}{a}"].astype(str).to_numpy()
+                     for a in attrs]  # fmt: skip
+            per_seed.append(np.mean(right, axis=0))
+        return np.mean(per_seed, axis=0)
+
+    def line(name: str, extra: str = "") -> None:
+        h, t, target = hits(held, prompt), hits(trained, prompt), hits(held, prompt, target=True)
+        m = bootstrap_mean(h, seed=cfg.seed)
+        d = paired_difference(h, reference, seed=cfg.seed)
+        star = "" if d.low > 0 or d.high < 0 else " (n.s.)"
+        print(f"| {name} | {extra} | {m.mean:.3f} [{m.low:.3f}, {m.high:.3f}] | {d.mean:+.3f} [{d.low:+.3f}, "
+              f"{d.high:+.3f}]{star} | {t.mean():.3f} | {target.mean():.3f} |", flush=True)  # fmt: skip
+
+    load_injected(cfg.run_dir / "stage2" / TOKENS_FILE, policy.injected)
+    prompt = lambda p: policy.text_prompts([p])[0]  # noqa: E731  (the tokens of policy._tokens)
+    reference = hits(held, prompt)
+    print(f"== run {cfg.run_name}: {len(held)} held-out pairs, 128 training interactions, {args.seeds} seeds; "
+          f"grounding on {len(usable)} typical interactions, lr {gc.lr}, batch {gc.text_batch_size or gc.batch_size}\n")  # fmt: skip
+    print("| text prompt | grounding steps (loss) | hit_text, held-out | − run's tokens | hit_text, training | "
+          "target_hit_text, held-out |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- |")
+    line("the run's tokens after RL (one row per code)", "run's")
+    named = code_words(pool, codes_of, item_words)
+    original = policy._tokens
+    for k, (name, words, levels) in enumerate(VARIANTS):
+        pieces = {
+            key: tokenizer(" " + " ".join(ws[:words]), add_special_tokens=False)["input_ids"]
+            for key, ws in sorted(named.items())
+            if key[0] in levels and ws
+        }
+        strings = {
+            key: [f"<mv{k}_{key[0]}_{key[1]}_{j}>" for j in range(len(ids))] for key, ids in pieces.items()
+        }
+        embedding = lm.get_input_embeddings().weight.detach()
+        rows = WordRows(
+            lm, tokenizer, [s for key in pieces for s in strings[key]],
+            torch.stack([embedding[i] for ids in pieces.values() for i in ids]),
+        )  # fmt: skip
+
+        def tokens(user: int, modality: str, personalized: bool = True, strings=strings) -> str:
+            if modality != "text" or not personalized:
+                return original(user, modality, personalized)
+            return "".join(s for lv, code in enumerate(codes_of(user)) for s in strings.get((lv, code), []))
+
+        policy._tokens = tokens
+        label = f"{name}: {len(rows.rows)} rows for {len(pieces)} codes"
+        done, loss = 0, "-"
+        try:
+            for steps in sorted({int(x) for x in args.steps.split(",")}):
+                if steps > done:
+
+                    def text_fn(picks, mine, _):
+                        chosen = [usable[i] for i in picks[mine]]
+                        return text_loss(
+                            policy, chosen, [texts.iat[p.item] for p in chosen], gc.text_max_tokens or None
+                        )
+
+                    start = time.perf_counter()
+                    stats = fit(
+                        "text", text_fn, [rows.rows], len(usable), gc, steps - done,
+                        gc.text_batch_size or gc.batch_size, cfg.seed + done, False,
+                    )  # fmt: skip
+                    loss = f"{stats['loss_first']:.3f} → {stats['loss_last']:.3f}, {time.perf_counter() - start:.0f} s"
+                    done = steps
+                line(label, f"{steps} ({loss})")
+        finally:
+            policy._tokens = original
+            rows.remove()
+
+
+if __name__ == "__main__":
+    main()
