@@ -1,7 +1,7 @@
 """Multi-vector text tokens initialised from code words: can the text tokens reach the judge's hit_text target?
 
     .venv/bin/python benchmarks/probe_multivector.py [--config configs/default.yaml] [--seeds 3]
-        [--steps 0,1000,3000] [key=value ...]                    (default world, after stage 2)
+        [--steps 0,1000,3000] [--variants 0:3,0:5,0:7,0-1:3] [key=value ...]     (default world, after stage 2)
 
 `benchmarks/probe_code_words.py` found that stage 1's text codes, spelt out as the words that set apart their users'
 items, say more than the run's trained token rows (one row per code) do. This probe gives each text code of the
@@ -41,16 +41,25 @@ from stage2_generation.grounding import fit, text_loss, typical_pairs  # noqa: E
 from stage2_generation.injection import MASKED_LOGIT, load_injected  # noqa: E402
 from stage2_generation.pipeline import TOKENS_FILE  # noqa: E402
 
-# (name, words per code, levels whose codes get rows)
-VARIANTS = (
-    ("level 0, top 3 words", 3, {0}),
-    ("level 0, top 5 words", 5, {0}),
-    ("levels 0-1, top 3", 3, {0, 1}),
-)
+# Which codes get rows and from how many words: "<levels>:<words>", levels as "0" or "0-1".
+VARIANTS = "0:3,0:5,0:7,0-1:3"
+
+
+def variants(spec: str) -> list[tuple[str, int, set[int]]]:
+    """(name, words per code, levels) for each entry of a `--variants` string."""
+    out = []
+    for entry in spec.split(","):
+        levels, words = entry.split(":")
+        low, _, high = levels.partition("-")
+        chosen = set(range(int(low), int(high or low) + 1))
+        name = f"level{'s' if len(chosen) > 1 else ''} {levels.replace('-', '–')}, top {words} words"
+        out.append((name, int(words), chosen))
+    return out
 
 
 class WordRows:
-    """Free input rows for new token strings, starting at given embedding rows; a hook puts them in the LM."""
+    """Free input rows for new token strings, starting at given embedding rows; a hook puts them in the LM, and their
+    logits are masked so that generation never emits them."""
 
     def __init__(self, lm, tokenizer, strings: list[str], init: torch.Tensor):
         tokenizer.add_tokens(strings, special_tokens=True)
@@ -58,12 +67,12 @@ class WordRows:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         self.rows = torch.nn.Parameter(init.clone())
         ids = torch.arange(self.first, self.first + len(strings))
-        self.hooks = [
-            lm.get_input_embeddings().register_forward_hook(self._embed),
-            lm.get_output_embeddings().register_forward_hook(
-                lambda m, a, out: out.index_fill(-1, ids, MASKED_LOGIT)
-            ),
-        ]
+        self.hook = lm.get_input_embeddings().register_forward_hook(self._embed)
+        # The strings stay in the vocabulary after `remove`, with the table's random rows: their logits stay masked
+        # for good, or a later variant's texts could sample them.
+        lm.get_output_embeddings().register_forward_hook(
+            lambda m, a, out: out.index_fill(-1, ids, MASKED_LOGIT)
+        )
 
     def _embed(self, module, args, output):
         local = args[0] - self.first
@@ -74,14 +83,14 @@ class WordRows:
         return torch.where(inside.unsqueeze(-1), picked, output)
 
     def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
+        self.hook.remove()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--variants", default=VARIANTS, help='codes and words, e.g. "0:3,0:5,0-1:3"')
     ap.add_argument(
         "--steps", default="0,1000,3000", help="grounding step counts to score at, comma-separated"
     )
@@ -143,7 +152,7 @@ def main() -> None:
     line("the run's tokens after RL (one row per code)", "run's")
     named = code_words(pool, codes_of, item_words)
     original = policy._tokens
-    for k, (name, words, levels) in enumerate(VARIANTS):
+    for k, (name, words, levels) in enumerate(variants(args.variants)):
         pieces = {
             key: tokenizer(" " + " ".join(ws[:words]), add_special_tokens=False)["input_ids"]
             for key, ws in sorted(named.items())
