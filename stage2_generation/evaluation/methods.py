@@ -156,26 +156,22 @@ class TokenMethod:
 
 @dataclass
 class BestOfNMethod:
-    """A token method's texts, and for its images PMG's selection (`pmg.generate_candidates`, `score_candidates`):
-    N images per pair from the noise of (seed, pair, n), PMG's own candidates' noise, the one with the highest z
-    kept. The comparison with PMG at equal image cost; info keeps every candidate's scores and the choice. Its
-    texts are those of `texts_from` (dppmg: the same prompts and seed), which eval takes from its cache
-    (`with_texts`) instead of sampling them again."""
+    """`tokens`' texts, and for its images PMG's selection (`pmg.generate_candidates`, `score_candidates`): N images
+    per pair from the noise of (seed, pair, n), PMG's own candidates' noise, the one with the highest z kept. The
+    comparison with PMG at equal image cost; info keeps every candidate's scores and the choice. `tokens` is dppmg
+    itself, so eval takes its texts from dppmg's cache (`with_texts`) instead of sampling them again."""
 
     name: str
     tokens: TokenMethod
     rewarder: Any  # evaluate.Rewarder: the scorer's image personalization and fidelity of the candidates
     candidates: int
     alpha: float
-    texts_from: TokenMethod
 
     def generate(self, pairs: Sequence[Pair], seed: int, progress: bool = True) -> Generation:
-        src = self.texts_from
-        if src.tokens_file is not None:
-            load_injected(src.tokens_file, src.policy.injected)
-        texts, seconds, tokens = token_texts(
-            src.policy, pairs, src.generation, seed, src.text_tokens, progress
-        )
+        t = self.tokens
+        if t.tokens_file is not None:
+            load_injected(t.tokens_file, t.policy.injected)
+        texts, seconds, tokens = token_texts(t.policy, pairs, t.generation, seed, t.text_tokens, progress)
         only_texts = Generation(
             texts, np.zeros((0,), np.uint8), seconds, {"text_seconds": seconds, "tokens": tokens}
         )
@@ -184,7 +180,7 @@ class BestOfNMethod:
     def with_texts(
         self, texts: Generation, pairs: Sequence[Pair], seed: int, progress: bool = True
     ) -> Generation:
-        """`texts_from`'s generation for the same pairs and seed, with this method's images in place of its own."""
+        """`tokens`' generation for the same pairs and seed, with this method's images in place of its own."""
         from stage2_generation.generators import encode_prompts
         from stage2_generation.pmg import generate_candidates, score_candidates
 
@@ -208,7 +204,7 @@ class BestOfNMethod:
             "text_seconds": text_seconds,
             "image_seconds": image_seconds,
             "tokens": texts.info.get("tokens"),
-            "texts_from": self.texts_from.name,
+            "texts_from": t.name,
             "chosen": chosen,
             "candidate_personalization": scores.personalization.tolist(),
             "candidate_fidelity": scores.fidelity.tolist(),

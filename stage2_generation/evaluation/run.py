@@ -233,9 +233,8 @@ def build_method(ev: Evaluation, name: str, progress: bool = True) -> Method:
         return build_pmg(ev, progress)  # type: ignore[return-value]
     if name == "dppmg_best_of_n":
         pmg = ev.cfg.eval.pmg
-        tokens = TokenMethod(name, c.policy, g, ev.stage2 / TOKENS_FILE, True, True)
-        texts_from = TokenMethod(REFERENCE, c.policy, g, ev.stage2 / TOKENS_FILE, True, True)  # dppmg's texts
-        return BestOfNMethod(name, tokens, c.rewarder, pmg.candidates, pmg.alpha, texts_from)
+        tokens = TokenMethod(REFERENCE, c.policy, g, ev.stage2 / TOKENS_FILE, True, True)  # dppmg itself
+        return BestOfNMethod(name, tokens, c.rewarder, pmg.candidates, pmg.alpha)
     if name in COMPOSED:
         texts_from, images_from = COMPOSED[name]
         return ComposedMethod(name, build_method(ev, texts_from), build_method(ev, images_from))
@@ -369,7 +368,7 @@ def _cached(
             _cached(ev, method.images_from, seed, progress, kind)[0],
         )
     elif isinstance(method, BestOfNMethod):  # dppmg's texts, as cached, with its own images
-        texts = _cached(ev, method.texts_from, seed, progress, kind)[0]
+        texts = _cached(ev, method.tokens, seed, progress, kind)[0]
         g = method.with_texts(texts, pairs, seed, progress and kind == "pairs")
     else:
         g = method.generate(pairs, seed, progress and kind == "pairs")
