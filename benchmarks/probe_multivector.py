@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from probe_code_words import code_words, judged_world  # noqa: E402  (a script's
 
 from dppmg.bootstrap import bootstrap_mean, paired_difference  # noqa: E402
 from dppmg.config import load_config  # noqa: E402
-from stage2_generation.attributes import TARGET_ATTRIBUTE, TEXT_PREFERENCE_PREFIX  # noqa: E402
+from stage2_generation.evaluation.metrics import attribute_scores  # noqa: E402
 from stage2_generation.generators import generate_texts  # noqa: E402
 from stage2_generation.grounding import fit, text_loss, typical_pairs  # noqa: E402
 from stage2_generation.injection import MASKED_LOGIT, load_injected  # noqa: E402
@@ -112,44 +111,37 @@ def main() -> None:
     def codes_of(user: int) -> list[int]:
         return ckpt.codes["text"][ckpt.user_index(user)].tolist()
 
-    def hits(pairs, prompt_of: Callable, target: bool = False) -> np.ndarray:
-        """float [pairs]: each pair's share of the judged text attributes that are its user's (with `target`: whether
-        the text names the target's category), over the seeds."""
-        users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]]
-        category = ds.items[f"attr_{TARGET_ATTRIBUTE}"].astype(str).to_numpy()[[p.item for p in pairs]]
+    def scores(pairs) -> dict[str, np.ndarray]:
+        """hit_text and target_hit_text, float [pairs], each pair's mean over the seeds (`attribute_scores`)."""
         per_seed = []
         for seed in range(args.seeds):
             out = generate_texts(
-                lm, tokenizer, [prompt_of(p) for p in pairs], max_new_tokens=g.max_new_tokens,
+                lm, tokenizer, [policy.text_prompts([p])[0] for p in pairs], max_new_tokens=g.max_new_tokens,
                 temperature=g.temperature, seed=seed, batch_size=g.batch_size, progress=False,
             )  # fmt: skip
-            pred = judge.predict_texts(out)
-            if target:
-                per_seed.append(np.asarray(pred[TARGET_ATTRIBUTE], dtype=object) == category)
-                continue
-            attrs = [a for a in pred if a != TARGET_ATTRIBUTE]
-            right = [np.asarray(pred[a], dtype=object) == users[f"{TEXT_PREFERENCE_PREFIX}{a}"].astype(str).to_numpy()
-                     for a in attrs]  # fmt: skip
-            per_seed.append(np.mean(right, axis=0))
-        return np.mean(per_seed, axis=0)
+            per_seed.append(attribute_scores(judge, ds, pairs, out, None))
+        return {m: np.mean([s[m] for s in per_seed], axis=0) for m in ("hit_text", "target_hit_text")}
 
-    def line(name: str, extra: str = "") -> None:
-        h, t, target = hits(held, prompt), hits(trained, prompt), hits(held, prompt, target=True)
+    def line(name: str, extra: str, reference: np.ndarray | None = None) -> np.ndarray:
+        """Score the text prompts `policy._tokens` makes now; print a row against `reference` (None: these
+        scores themselves) and return the held-out hit_text per pair."""
+        held_scores, train_scores = scores(held), scores(trained)
+        h = held_scores["hit_text"]
         m = bootstrap_mean(h, seed=cfg.seed)
-        d = paired_difference(h, reference, seed=cfg.seed)
+        d = paired_difference(h, h if reference is None else reference, seed=cfg.seed)
         star = "" if d.low > 0 or d.high < 0 else " (n.s.)"
         print(f"| {name} | {extra} | {m.mean:.3f} [{m.low:.3f}, {m.high:.3f}] | {d.mean:+.3f} [{d.low:+.3f}, "
-              f"{d.high:+.3f}]{star} | {t.mean():.3f} | {target.mean():.3f} |", flush=True)  # fmt: skip
+              f"{d.high:+.3f}]{star} | {train_scores['hit_text'].mean():.3f} | "
+              f"{held_scores['target_hit_text'].mean():.3f} |", flush=True)  # fmt: skip
+        return h
 
     load_injected(cfg.run_dir / "stage2" / TOKENS_FILE, policy.injected)
-    prompt = lambda p: policy.text_prompts([p])[0]  # noqa: E731  (the tokens of policy._tokens)
-    reference = hits(held, prompt)
     print(f"== run {cfg.run_name}: {len(held)} held-out pairs, 128 training interactions, {args.seeds} seeds; "
           f"grounding on {len(usable)} typical interactions, lr {gc.lr}, batch {gc.text_batch_size or gc.batch_size}\n")  # fmt: skip
     print("| text prompt | grounding steps (loss) | hit_text, held-out | − run's tokens | hit_text, training | "
           "target_hit_text, held-out |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- |")
-    line("the run's tokens after RL (one row per code)", "run's")
+    reference = line("the run's tokens after RL (one row per code)", "run's")
     named = code_words(pool, codes_of, item_words)
     original = policy._tokens
     for k, (name, words, levels) in enumerate(variants(args.variants)):
@@ -192,7 +184,7 @@ def main() -> None:
                     )  # fmt: skip
                     loss = f"{stats['loss_first']:.3f} → {stats['loss_last']:.3f}, {time.perf_counter() - start:.0f} s"
                     done = steps
-                line(label, f"{steps} ({loss})")
+                line(label, f"{steps} ({loss})", reference)
         finally:
             policy._tokens = original
             rows.remove()

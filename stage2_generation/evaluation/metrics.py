@@ -98,17 +98,20 @@ def attribute_scores(
     ds: ProcessedDataset,
     pairs: Sequence[Pair],
     texts: Sequence[str],
-    images: np.ndarray,
+    images: np.ndarray | None,
 ) -> dict[str, np.ndarray]:
-    """Per pair: preference hits in each modality, target hits, and the text-image agreement of the judge."""
+    """Per pair: preference hits in each modality, target hits, and the text-image agreement of the judge.
+    Without images (None), the text's metrics only: hit_text and target_hit_text."""
     users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]]
-    seen_image = judge.predict_images(images)
+    seen_image = None if images is None else judge.predict_images(images)
     seen_text = judge.predict_texts(list(texts))
     out: dict[str, np.ndarray] = {}
     for modality, seen, prefix in (
         ("image", seen_image, IMAGE_PREFERENCE_PREFIX),
         ("text", seen_text, TEXT_PREFERENCE_PREFIX),
     ):
+        if seen is None:
+            continue
         attrs = [a for a in seen if a != TARGET_ATTRIBUTE and f"{prefix}{a}" in users.columns]
         hits = [
             np.asarray(seen[a], dtype=object) == users[f"{prefix}{a}"].astype(str).to_numpy() for a in attrs
@@ -116,9 +119,13 @@ def attribute_scores(
         out[f"hit_{modality}"] = np.mean(hits, axis=0) if hits else np.full(len(pairs), np.nan)
     category = ds.items[f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"].astype(str).to_numpy()
     truth = np.asarray([category[p.item] if p.item is not None else None for p in pairs], dtype=object)
-    out["target_hit_image"] = (np.asarray(seen_image[TARGET_ATTRIBUTE], dtype=object) == truth).astype(float)
+    if seen_image is not None:
+        out["target_hit_image"] = (np.asarray(seen_image[TARGET_ATTRIBUTE], dtype=object) == truth).astype(
+            float
+        )
     out["target_hit_text"] = (np.asarray(seen_text[TARGET_ATTRIBUTE], dtype=object) == truth).astype(float)
-    out["judge_consistency"] = judge_consistency(judge, seen_image, seen_text, texts)
+    if seen_image is not None:
+        out["judge_consistency"] = judge_consistency(judge, seen_image, seen_text, texts)
     return out
 
 
