@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import re
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ sys.path.insert(0, str(REPO))
 from dppmg.config import load_config  # noqa: E402
 from dppmg.errors import DppmgError  # noqa: E402
 from stage2_generation.attributes import fit_judge, preference_hit_rates  # noqa: E402
+from stage2_generation.code_words import code_words, item_words  # noqa: E402
 from stage2_generation.evaluate import heldout_pairs, split_users  # noqa: E402
 from stage2_generation.generators import generate_images, generate_texts  # noqa: E402
 from stage2_generation.grounding import training_pairs  # noqa: E402
@@ -44,37 +44,9 @@ from stage2_generation.injection import load_injected  # noqa: E402
 from stage2_generation.pipeline import GROUNDED_TOKENS_FILE, TOKENS_FILE, load_components  # noqa: E402
 from stage2_generation.prompts import fill_prompt  # noqa: E402
 
-MIN_COUNT = 3
 # The word prompts: how many words of each code, and of which levels (None: all).
 WORD_PROMPTS = {"code words, top1": (1, None), "code words, top2": (2, None), "level 0, top3": (3, {0})}
 TOKEN_PROMPTS = {"grounded tokens": GROUNDED_TOKENS_FILE, "rl tokens": TOKENS_FILE}
-
-
-def code_words(pairs, codes_of, item_words) -> dict[tuple[int, int], list[str]]:
-    """(level, code) -> its words, most distinctive first, from the interactions (user, item) in `pairs`;
-    `codes_of(user)` is the user's code per level."""
-    overall, per_code, items_per_code = (
-        collections.Counter(),
-        collections.defaultdict(collections.Counter),
-        collections.Counter(),
-    )
-    for p in pairs:
-        words = item_words[p.item]
-        overall.update(words)
-        for level, code in enumerate(codes_of(p.user)):
-            per_code[level, code].update(words)
-            items_per_code[level, code] += 1
-    total = len(pairs)
-    named = {}
-    for key, counts in per_code.items():
-        n = items_per_code[key]
-        lift = {
-            w: (c + 0.5) / (n + 1) / ((overall[w] + 1) / (total + 1))
-            for w, c in counts.items()
-            if c >= MIN_COUNT
-        }
-        named[key] = sorted(lift, key=lambda w: (-lift[w], w))  # ties by the word: sets iterate in hash order
-    return named
 
 
 def judged_world(cfg):
@@ -87,9 +59,7 @@ def judged_world(cfg):
             f"{c.ds.root}: no ground-truth tastes to judge by; this probe needs the synthetic world"
         )
     train_users, held_users = split_users(c.ds, cfg.stage2.generation.heldout_users, cfg.seed)
-    words = [
-        {w for w in re.findall(r"[a-z]+", str(t).lower()) if len(w) > 2} for t in c.ds.items["text"].tolist()
-    ]
+    words = item_words(c.ds.items["text"].tolist())
     return c, judge, training_pairs(c.ds, train_users), heldout_pairs(c.ds, held_users), words
 
 
@@ -100,7 +70,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (run_name=... for another run)")
     args = ap.parse_args()
     cfg = load_config(REPO / args.config, ["tracking.mode=disabled", *args.overrides])
-    c, judge, pool, pairs, item_words = judged_world(cfg)
+    c, judge, pool, pairs, words = judged_world(cfg)
     ds = c.ds
     users = ds.users.set_index("user_idx").loc[[p.user for p in pairs]]
     g, ws, stage2 = cfg.stage2.generation, cfg.stage2.warmstart, cfg.run_dir / "stage2"
@@ -133,7 +103,7 @@ def main() -> None:
         def codes_of(user: int, modality=modality) -> list[int]:
             return c.ckpt.codes[modality][c.ckpt.user_index(user)].tolist()
 
-        named = code_words(pool, codes_of, item_words)
+        named = code_words(pool, codes_of, words)
         template = ws.text_prompt if modality == "text" else ws.image_prompt
 
         def top(user: int, k: int, levels, codes_of=codes_of, named=named) -> list[str]:

@@ -15,6 +15,10 @@ training interactions, and the attribute judge scores them (hit_text: style, mat
 run's own tokens after RL on the same pairs and seeds, and, so that a gain does not come from losing the target,
 how often the held-out texts name the target's category (target_hit_text). Synthetic world only (the judge needs the ground truth).
 Nothing of the run is changed: the rows live in this process.
+
+Code words are now the method (`stage2.text_code_words`; its rows are left out of text grounding by default): on
+a run made with them, the reference row is that spelling after RL, and the variants compare other word counts,
+levels and grounding lengths against it.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from probe_code_words import code_words, judged_world  # noqa: E402  (a script's folder is on sys.path)
+from probe_code_words import judged_world  # noqa: E402  (a script's folder is on sys.path)
 
 from dppmg.bootstrap import bootstrap_mean, paired_difference  # noqa: E402
 from dppmg.config import load_config  # noqa: E402
+from stage2_generation.code_words import code_words  # noqa: E402
 from stage2_generation.evaluation.metrics import attribute_scores  # noqa: E402
 from stage2_generation.generators import generate_texts  # noqa: E402
 from stage2_generation.grounding import fit, text_loss, typical_pairs  # noqa: E402
@@ -141,7 +146,7 @@ def main() -> None:
     print("| text prompt | grounding steps (loss) | hit_text, held-out | − run's tokens | hit_text, training | "
           "target_hit_text, held-out |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- |")
-    reference = line("the run's tokens after RL (one row per code)", "run's")
+    reference = line("the run's tokens after RL", "run's")
     named = code_words(pool, codes_of, item_words)
     original = policy._tokens
     for k, (name, words, levels) in enumerate(variants(args.variants)):

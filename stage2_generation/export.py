@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dppmg.config import load_config
 from dppmg.errors import DppmgError
 from dppmg.io import commit_dir, read_json, staging_dir, write_json, write_text
 from dppmg.models import dequantized_folder, resolve_causal_lm
@@ -60,9 +59,11 @@ go at the start of a prompt.
 """
 
 _ROWS_LINE = (
-    "- `rows.m` [levels * codebook_size, D]: the tokens' embedding rows after stage 2, in the space of the base\n"
-    "  model that `manifest.json` modalities.m.base names (the LM's input embeddings for text, the diffusion\n"
-    "  pipeline's text encoder for images).\n"
+    "- `rows.m` [rows, D]: the tokens' embedding rows after stage 2, in the space of the base model that\n"
+    "  `manifest.json` modalities.m.base names (the LM's input embeddings for text, the diffusion pipeline's text\n"
+    "  encoder for images); row i is the token modalities.m.row_strings[i]: the levels * codebook_size code\n"
+    "  tokens, then any word rows that spell level-0 codes (modalities.m.expansions maps such a code token to\n"
+    "  them; a text prompt then holds the user's level-0 token alone, spelt this way).\n"
 )
 
 _PIXEL_SPACE_NOTE = """
@@ -147,11 +148,12 @@ class Tuned:
 def load_tuned(folder: Path, progress: bool = True) -> Tuned:
     """The run's generators with its tuned tokens loaded, as stage 2 left them."""
     from stage2_generation.injection import load_injected
-    from stage2_generation.pipeline import TOKENS_FILE, load_components
+    from stage2_generation.pipeline import TOKENS_FILE, load_components, run_config
 
-    cfg = load_config(folder / "stage2" / "config.yaml")
-    c = load_components(cfg, progress)
-    load_injected(folder / "stage2" / TOKENS_FILE, c.policy.injected)
+    cfg = run_config(folder)
+    trained = folder / "stage2" / TOKENS_FILE
+    c = load_components(cfg, progress, trained=trained)
+    load_injected(trained, c.policy.injected)
     generators = c.policy.gen.info.get("folder")
     if generators is None or not (Path(generators) / GENERATORS_MANIFEST).is_file():
         raise DppmgError(
@@ -190,6 +192,8 @@ def _write_safetensors(stage: Path, run: str, ckpt: TokenCheckpoint, c: Tuned | 
         if injected is not None:
             tensors[f"rows.{m}"] = torch.stack(list(injected.named_rows().values())).contiguous()
             manifest["modalities"][m]["base"] = text_base(c) if m == "text" else image_base(c)
+            manifest["modalities"][m]["row_strings"] = list(injected.token_strings)
+            manifest["modalities"][m]["expansions"] = injected.expansions()
         manifest["modalities"][m]["tensors"] = {
             k: f"{k}.{m}" for k in ("codebook", "codes", "user_vectors", *(["rows"] if injected else []))
         }

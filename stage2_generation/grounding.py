@@ -208,6 +208,13 @@ def ground(
         has_text = np.array([isinstance(t, str) and bool(t.strip()) for t in texts.tolist()])  # per item
         usable = [p for p in pairs if has_text[p.item]]
         usable = _typical(usable, item_text_emb, cfg.typical_share, "text")
+        block = policy.text.module
+        if block.word_spans and not cfg.text_word_rows:
+            logger.info(
+                "grounding text: the %d code-word rows stay at their words (grounding.text_word_rows=false); it "
+                "trains the rows of the %d level-0 codes without words", block.num_words,
+                block.codebook_size - len(block.word_spans),
+            )  # fmt: skip
         if usable:
 
             def text_fn(
@@ -219,7 +226,7 @@ def ground(
                 )
 
             report["text"] = fit(
-                "text", text_fn, policy.parameters("text"), len(usable), cfg, cfg.text_steps,
+                "text", text_fn, policy.parameters("text", cfg.text_word_rows), len(usable), cfg, cfg.text_steps,
                 cfg.text_batch_size or cfg.batch_size, seed, progress, dist,
             )  # fmt: skip
             report["text"]["interactions"] = len(usable)

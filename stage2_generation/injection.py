@@ -23,6 +23,11 @@ inputs only. A forward hook on the head sets their logits to MASKED_LOGIT, so no
 logits (`generate`, trl's trainers) ever emits them, and the logits of the original vocabulary are exactly
 those of the original head.
 
+Code words (`word_pieces`): a level-0 code may also be spelt as several free rows, the multi-vector tokens of
+textual inversion. Code (0, k) with n pieces gets the strings `<pt_0_k_w0>` .. `<pt_0_k_w{n-1}>`, ids after the
+L*K code tokens, rows started at the embeddings of its code words' pieces (stage2_generation/code_words.py);
+`InjectedTokens.prompt` spells a user's codes with them. They train like the rest of the token parameters.
+
 Limits: the hook sees token ids, so a caller that passes `inputs_embeds` bypasses it. Embedding modules that
 scale their output (Gemma-style `embed_scale`) get the rows scaled the same way.
 """
@@ -43,7 +48,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dppmg.errors import DppmgError
-from dppmg.io import atomic_path, commit_dir, staging_dir, write_text
+from dppmg.io import atomic_path, commit_dir, staging_dir, write_json, write_text
 from dppmg.tokens import TokenCheckpoint
 
 # The logit of a preference token. Not -inf: trl logs the entropy, and p·log p of a masked token would be
@@ -56,6 +61,7 @@ FORMAT_VERSION = 1
 TEXT_ROWS_FILE = "token_rows.safetensors"
 TEXTUAL_INVERSION_FILE = "learned_embeds.safetensors"  # diffusers' default textual-inversion weight name
 README_FILE = "README.md"
+EXPANSIONS_FILE = "expansions.json"  # {level-0 code token: the word-row strings that spell it}
 
 
 class TokenRows(nn.Module):
@@ -66,10 +72,17 @@ class TokenRows(nn.Module):
         reference: float [V, D], the existing embedding rows; the new rows start with their mean and spread.
         first_id: vocabulary id of token (0, 0); token (l, k) has id first_id + l*K + k.
         per_row_offset: learn a free offset [L*K, D] per token on top of the projection (zero at start).
+        word_pieces: level-0 code -> ids (rows of `reference`) its word rows start at; they follow the L*K code
+            tokens, code by code in ascending order (`word_spans`).
     """
 
     def __init__(
-        self, codebook: torch.Tensor, reference: torch.Tensor, first_id: int, per_row_offset: bool = True
+        self,
+        codebook: torch.Tensor,
+        reference: torch.Tensor,
+        first_id: int,
+        per_row_offset: bool = True,
+        word_pieces: dict[int, list[int]] | None = None,
     ):
         super().__init__()
         levels, size, dim = codebook.shape
@@ -88,10 +101,34 @@ class TokenRows(nn.Module):
             else None
         )
         self._init_like(reference)
+        # {level-0 code: (index of its first word row, count)}, and the ids the rows started at
+        self.word_spans: dict[int, tuple[int, int]] = {}
+        self.word_pieces = {int(c): [int(i) for i in ids] for c, ids in sorted((word_pieces or {}).items())}
+        ids: list[int] = []
+        for code, pieces in sorted((word_pieces or {}).items()):
+            if not 0 <= code < size or not pieces:
+                raise DppmgError(
+                    f"word rows for level-0 code {code}: expected a code in [0, {size}) and >= 1 piece"
+                )
+            self.word_spans[code] = (len(ids), len(pieces))
+            ids.extend(pieces)
+        self.word_rows = (
+            nn.Parameter(reference.detach().float()[torch.tensor(ids, device=device)].clone())
+            if ids
+            else None
+        )
+
+    @property
+    def num_code_tokens(self) -> int:
+        return self.levels * self.codebook_size
+
+    @property
+    def num_words(self) -> int:
+        return 0 if self.word_rows is None else len(self.word_rows)
 
     @property
     def num_tokens(self) -> int:
-        return self.levels * self.codebook_size
+        return self.num_code_tokens + self.num_words
 
     @torch.no_grad()
     def _init_like(self, reference: torch.Tensor) -> None:
@@ -105,9 +142,11 @@ class TokenRows(nn.Module):
             self.projection.weight.mul_(spread / length)
 
     def forward(self) -> torch.Tensor:
-        """All rows in token-id order, [L*K, D]."""
+        """All rows in token-id order, [L*K + words, D]."""
         rows = self.projection(self.inputs)
-        return rows if self.offset is None else rows + self.offset
+        if self.offset is not None:
+            rows = rows + self.offset
+        return rows if self.word_rows is None else torch.cat([rows, self.word_rows])
 
     def mask_logits(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
         """Forward hook of the output head: these tokens' logits [..., V] become MASKED_LOGIT."""
@@ -115,7 +154,8 @@ class TokenRows(nn.Module):
         return logits.index_fill(-1, ids, MASKED_LOGIT)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, codebook_size={self.codebook_size}, first_id={self.first_id}"
+        words = f", word_rows={self.num_words} for {len(self.word_spans)} codes" if self.word_spans else ""
+        return f"levels={self.levels}, codebook_size={self.codebook_size}, first_id={self.first_id}{words}"
 
 
 class PreferenceTokens(nn.Module):
@@ -146,8 +186,9 @@ class InjectedTokens:
 
     Args:
         modality: "text" or "image".
-        token_strings: the L*K strings, level-major (the checkpoint's `token_strings(modality)`).
-        token_ids: int64 [L*K], their ids in the model's vocabulary, same order.
+        token_strings: the L*K strings, level-major (the checkpoint's `token_strings(modality)`), then the word
+            rows' strings (`word_string`), code by code.
+        token_ids: int64 [L*K + words], their ids in the model's vocabulary, same order.
         module: the rows' parameters (`projection`, `offset`), attached to the model.
         content_hash: the dataset hash of the token checkpoint; saved parameters load only onto the same tokens.
     """
@@ -174,6 +215,25 @@ class InjectedTokens:
         """The token-associated parameters: the only trainable ones."""
         return list(self.module.parameters())
 
+    def prompt(self, codes: Sequence[int]) -> str:
+        """A user's codes (one per level) as prompt text: "<pt_0_17><pt_1_3>", or with word rows the level-0
+        code's words alone, "<pt_0_17_w0><pt_0_17_w1>..." (a code without words keeps its own token)."""
+        block = self.module
+        if not block.word_spans:
+            return "".join(
+                self.token_strings[level * block.codebook_size + c] for level, c in enumerate(codes)
+            )
+        return self.expansions().get(self.token_strings[codes[0]], self.token_strings[codes[0]])
+
+    def expansions(self) -> dict[str, str]:
+        """{level-0 code token: the word-row strings that spell it}, for the codes that have word rows."""
+        block, strings = self.module, self.token_strings
+        first = block.num_code_tokens
+        return {
+            strings[code]: "".join(strings[first + start : first + start + n])
+            for code, (start, n) in block.word_spans.items()
+        }
+
     def named_rows(self) -> dict[str, torch.Tensor]:
         """{token string: row [D]}, detached float32 copies on the CPU, for exporting."""
         rows = self.rows().detach().to("cpu", torch.float32)
@@ -188,6 +248,9 @@ class InjectedTokens:
             "embedding_dim": self.module.projection.out_features,
             "per_row_offset": self.offset is not None,
             "content_hash": self.content_hash,
+            # The ids each spelt code's rows started at (None without word rows, as in files written before
+            # them): a file loads only onto the same spelling, and `saved_word_pieces` rebuilds it.
+            "word_pieces": {str(c): ids for c, ids in self.module.word_pieces.items()} or None,
         }
 
 
@@ -205,6 +268,7 @@ def inject_tokens(
     expect: dict[str, Any] | None = None,
     per_row_offset: bool = True,
     seed: int = 0,
+    word_pieces: dict[int, list[int]] | None = None,
 ) -> InjectedTokens:
     """Add `modality`'s L*K tokens to `tokenizer` and `model`, with rows computed from the codebook; freeze the rest.
 
@@ -219,11 +283,15 @@ def inject_tokens(
         per_row_offset: give each token a learned offset on top of the projection.
         seed: seeds the projection's random initialisation (the global RNG is left as it was, on CPU),
             so the same checkpoint gives the same rows whatever ran before, e.g. a warm-start or a cache load.
+        word_pieces: level-0 code -> ids in this tokenizer of its code words' pieces: the code also gets one
+            row per piece, started at that piece's embedding (module docstring, "Code words").
     """
     expect = dict(expect or {})
     expect["modalities"] = list(dict.fromkeys([*expect.get("modalities", []), modality]))
     ckpt.check_compatible(ckpt.content_hash if content_hash is None else content_hash, expect)
     strings = ckpt.token_strings(modality)
+    for code, pieces in sorted((word_pieces or {}).items()):
+        strings += [word_string(strings[code], j) for j in range(len(pieces))]
     embedding = _input_embedding(model)
     holder = getattr(embedding, HOLDER_NAME, None)
     if holder is not None and modality in holder.rows:
@@ -244,7 +312,7 @@ def inject_tokens(
     head_before = model.get_output_embeddings()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        block = TokenRows(ckpt.codebooks[modality], reference, first_id, per_row_offset)
+        block = TokenRows(ckpt.codebooks[modality], reference, first_id, per_row_offset, word_pieces)
         # Never shrink: a padded table (more rows than the tokenizer has tokens) may already hold the new ids.
         # (The new table rows are drawn at random, but never read: the hook replaces them.)
         model.resize_token_embeddings(
@@ -271,6 +339,11 @@ def inject_tokens(
     holder.requires_grad_(True)
     ids = torch.arange(first_id, first_id + block.num_tokens, dtype=torch.int64)
     return InjectedTokens(modality, strings, ids, block, ckpt.content_hash)
+
+
+def word_string(code_token: str, j: int) -> str:
+    """The string of a code's j-th word row: "<pt_0_17>" -> "<pt_0_17_w0>"."""
+    return f"{code_token[:-1]}_w{j}>"
 
 
 def _input_embedding(model: PreTrainedModel) -> nn.Embedding:
@@ -334,6 +407,16 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], d
         raise DppmgError(f"{path}: cannot read {what}: {e}") from None
 
 
+def saved_word_pieces(path: str | Path, modality: str = "text") -> dict[int, list[int]] | None:
+    """The spelling (level-0 code -> piece ids) a token-parameter file's `modality` rows were made with, so that a
+    finished run's tokens are rebuilt as they were trained, whatever the data or the tokenizer would give today."""
+    path = Path(path)
+    _, metadata = _read_safetensors(path, "token parameters")
+    entry = json.loads(metadata.get("modalities", "{}")).get(modality) or {}
+    pieces = entry.get("word_pieces")
+    return None if not pieces else {int(c): [int(i) for i in ids] for c, ids in pieces.items()}
+
+
 def load_injected(path: str | Path, injected: Sequence[InjectedTokens]) -> None:
     """Load parameters written by `save_injected` into `injected` (fresh injections of the same checkpoint).
 
@@ -387,6 +470,17 @@ Load them into the base model they were trained with:
 A user's tokens, e.g. `<pt_0_17><pt_1_3>`, go at the start of the prompt (`dppmg tokens show` lists them).
 """
 
+_EXPANSIONS_NOTE = """
+These tokens are spelt with code words (stage2.text_code_words): the prompt holds the user's level-0 token alone,
+replaced by the rows that spell it, as diffusers expands a multi-vector textual-inversion token.
+`{expansions}` maps each spelt token to its rows' strings, e.g. `{example}` -> `{spelt}`; a level-0 token
+missing from it is used as it is:
+
+    import json
+    spelt = json.load(open("<this folder>/{expansions}"))
+    prompt = spelt.get(level0_token, level0_token) + "red lamp:"
+"""
+
 _IMAGE_README = """# DPPMG {modality} preference tokens: {count} tokens, {dim}-dim text-encoder rows
 
 `{rows_file}` is in diffusers' textual-inversion format, {{token string: embedding row}}, one entry per token:
@@ -413,9 +507,19 @@ def export_text_tokens(
         dim=injected.projection.out_features,
         rows_file=TEXT_ROWS_FILE,
     )
-    return _write_export(
-        folder, TEXT_ROWS_FILE, rows, readme, extra=lambda stage: tokenizer.save_pretrained(str(stage))
-    )
+    expansions = injected.expansions()
+    if expansions:
+        example = next(iter(expansions))
+        readme += _EXPANSIONS_NOTE.format(
+            expansions=EXPANSIONS_FILE, example=example, spelt=expansions[example]
+        )
+
+    def extra(stage: Path) -> None:
+        tokenizer.save_pretrained(str(stage))
+        if expansions:
+            write_json(stage / EXPANSIONS_FILE, expansions)
+
+    return _write_export(folder, TEXT_ROWS_FILE, rows, readme, extra=extra)
 
 
 def export_image_tokens(injected: InjectedTokens, folder: str | Path) -> Path:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from dppmg.bootstrap import bootstrap_mean, paired_difference
@@ -55,12 +56,19 @@ from dppmg.seeding import seed_everything
 from dppmg.tokens import TokenCheckpoint, nearest_ids_hint
 from dppmg.tracking import NoOpTracker, Tracker, build_tracker, flatten_metrics
 from stage2_generation.attributes import fit_judge
+from stage2_generation.code_words import code_words, item_words, level0_pieces
 from stage2_generation.evaluate import Rewarder, heldout_pairs, split_users, user_histories
 from stage2_generation.evaluation.methods import OracleMethod, generate_with_tokens
 from stage2_generation.evaluation.metrics import Judges
 from stage2_generation.generators import generate_images, image_shape
 from stage2_generation.grounding import ground, training_pairs
-from stage2_generation.injection import export_image_tokens, export_text_tokens, load_injected, save_injected
+from stage2_generation.injection import (
+    export_image_tokens,
+    export_text_tokens,
+    load_injected,
+    save_injected,
+    saved_word_pieces,
+)
 from stage2_generation.judges import ImageJudge
 from stage2_generation.policy import Pair, Policy
 from stage2_generation.rewards import METRIC_NAMES, TOTAL_KEY, relative_change
@@ -114,6 +122,7 @@ class Stage2State:
 # stage2.generation keys added after finished runs existed, with their defaults (`runs.without_later_keys`): at
 # the default, those runs stay finished and eval still accepts them.
 LATER_GENERATION_KEYS = {"images_per_pair": 1}
+LATER_STAGE2_KEYS = {"text_code_words": 0}  # at 0 a run is what it was before the key existed
 
 
 def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) -> str:
@@ -123,6 +132,7 @@ def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) ->
     s2["generators"].pop("device", None)
     s2["generation"].pop("precision", None)  # how sampling computes, like the device: not what the run is
     s2["generation"] = without_later_keys(s2["generation"], LATER_GENERATION_KEYS)
+    s2 = without_later_keys(s2, LATER_STAGE2_KEYS)
     digest = ckpt.digest()
     blob = json.dumps(
         {"stage2": s2, "seed": cfg.seed, "dataset": content_hash, "tokens": digest}, sort_keys=True
@@ -207,12 +217,15 @@ def load_components(
     dataset: Path | None = None,
     ckpt: TokenCheckpoint | None = None,
     variant: bool = False,
+    trained: Path | None = None,
 ) -> Components:
     """Dataset, token checkpoint, warm-started generators with the tokens injected, scorer and reward.
 
     `dataset` is the processed dataset's folder when the caller has just prepared it (not prepared again), and
     `ckpt` the run's token checkpoint when the caller has already loaded it. The checkpoint must have the sizes
     `stage1_expectation` states, unless it is a `variant` an evaluation made from it (evaluation.methods).
+    `trained` is a finished run's token-parameter file: the text tokens are then spelt with the code words it was
+    trained with (`injection.saved_word_pieces`), not computed again.
     """
     from dppmg.data.prepare import prepare
     from dppmg.text_encoder import TextEncoder
@@ -233,10 +246,50 @@ def load_components(
     )  # fmt: skip
     warm_seconds = time.perf_counter() - start
     population = users_with_history(ds, ckpt)
-    policy = Policy.inject(gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed, population=population)
+    if variant:
+        words = None
+    elif trained is not None:
+        words = saved_word_pieces(trained)
+    else:
+        words = text_word_pieces(cfg, ds, ckpt, gen.lm_tokenizer)
+    policy = Policy.inject(
+        gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed, population=population, text_words=words
+    )
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
     rewarder = Rewarder(ds, scorer, encoder, s2.rl.weights)
     return Components(ds, ckpt, policy, rewarder, warm_seconds)
+
+
+def run_config(folder: Path, overrides: list[str] | None = None) -> Config:
+    """A finished run's stage-2 config (stage2/config.yaml) with `overrides`. A run written before
+    `stage2.text_code_words` existed had one token row per code: its config reads as 0, not today's default."""
+    path = folder / "stage2" / "config.yaml"
+    saved = OmegaConf.load(path) if path.is_file() else None
+    older = saved is not None and "text_code_words" not in (saved.get("stage2") or {})
+    return load_config(path, (["stage2.text_code_words=0"] if older else []) + list(overrides or []))
+
+
+def text_word_pieces(
+    cfg: Config, ds: ProcessedDataset, ckpt: TokenCheckpoint, tokenizer
+) -> dict[int, list[int]] | None:
+    """Level-0 text code -> its code words' pieces in the LM's tokenizer (`stage2.text_code_words`), from the
+    training users' interactions (the held-out users' are never read); None when off or without text tokens."""
+    count = cfg.stage2.text_code_words
+    if count <= 0 or "text" not in ckpt.modalities:
+        return None
+    train_users, _ = split_users(ds, cfg.stage2.generation.heldout_users, cfg.seed)
+    codes = ckpt.codes["text"]
+    named = code_words(
+        training_pairs(ds, train_users),
+        lambda user: codes[ckpt.user_index(user)].tolist(),
+        item_words(ds.items["text"].tolist()),
+    )
+    pieces = level0_pieces(named, tokenizer, count)
+    logger.info(
+        "text tokens: %d of %d level-0 codes spelt with their top %d code words (%d rows)",
+        len(pieces), ckpt.codebook_size("text"), count, sum(map(len, pieces.values())),
+    )  # fmt: skip
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -811,15 +864,16 @@ def generate(
         if not t.strip():
             raise DppmgError("--target must be non-empty keywords, e.g. --target 'lamp'")
     folder = resolve_run(run)
-    cfg = load_config(folder / "stage2" / "config.yaml", overrides)
+    cfg = run_config(folder, overrides)
     from dppmg.data.prepare import prepare
 
     # The contract, then the users: a mistyped id fails in a second, not after the generators' warm start.
     ds, ckpt = load_dataset(prepare(cfg, progress=progress)), TokenCheckpoint.load(tokens_folder(cfg))
     ckpt.check_compatible(str(ds.meta["content_hash"]), stage1_expectation(cfg, ds, ckpt))
     requested = resolve_users(users, ds, ckpt, cold_start)
-    c = load_components(cfg, progress, dataset=ds.root, ckpt=ckpt)
-    load_injected(folder / "stage2" / TOKENS_FILE, c.policy.injected)
+    trained = folder / "stage2" / TOKENS_FILE
+    c = load_components(cfg, progress, dataset=ds.root, ckpt=ckpt, trained=trained)
+    load_injected(trained, c.policy.injected)
     for r in requested:
         if r.fallback is not None and personalized:
             tokens = " ".join(c.ckpt.population_prompt(m, c.policy.population) for m in c.ckpt.modalities)

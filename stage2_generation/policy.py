@@ -69,18 +69,29 @@ class Policy:
         prompts: WarmStartConfig,
         seed: int = 0,
         population: list[int] | None = None,
+        text_words: dict[int, list[int]] | None = None,
     ) -> Policy:
         """Inject the checkpoint's text tokens into the LM and its image tokens into the diffusion text encoder.
 
         A modality the checkpoint lacks is not injected (its prompts then carry no tokens). The UNet, the VAE
         and every original weight are frozen; the returned policy's `parameters()` are all that can train.
-        `population` are the users (rows) a `Pair` without a user takes its tokens from.
+        `population` are the users (rows) a `Pair` without a user takes its tokens from. `text_words` spells
+        level-0 text codes with word rows (`inject_tokens`' `word_pieces`, ids in the LM's tokenizer); the text
+        prompts then hold the user's level-0 code only, as those rows.
         """
         if not set(ckpt.modalities) & {"text", "image"}:
             raise DppmgError(f"{ckpt.path}: the token checkpoint has neither text nor image tokens")
         text = image = None
         if "text" in ckpt.modalities:
-            text = inject_tokens(gen.lm, gen.lm_tokenizer, ckpt, "text", content_hash=content_hash, seed=seed)
+            text = inject_tokens(
+                gen.lm,
+                gen.lm_tokenizer,
+                ckpt,
+                "text",
+                content_hash=content_hash,
+                seed=seed,
+                word_pieces=text_words,
+            )
         else:
             gen.lm.requires_grad_(False)
         pipe = gen.pipe
@@ -102,9 +113,14 @@ class Policy:
     def injected(self) -> list[InjectedTokens]:
         return [inj for inj in (self.text, self.image) if inj is not None]
 
-    def parameters(self, modality: str | None = None) -> list[torch.nn.Parameter]:
+    def parameters(self, modality: str | None = None, word_rows: bool = True) -> list[torch.nn.Parameter]:
+        """The token-associated parameters (of one modality); `word_rows=False` leaves out the code-word rows."""
         chosen = [inj for inj in self.injected if modality is None or inj.modality == modality]
-        return trainable_parameters(chosen)
+        params = trainable_parameters(chosen)
+        if word_rows:
+            return params
+        words = {id(inj.module.word_rows) for inj in chosen if inj.module.word_rows is not None}
+        return [p for p in params if id(p) not in words]
 
     # --- prompts ----------------------------------------------------------------------------------------
 
@@ -112,11 +128,11 @@ class Policy:
         inj = self.text if modality == "text" else self.image
         if not personalized or inj is None:
             return ""
-        if user is None:
-            return self.ckpt.population_prompt(modality, self.population)
         # No space before the keywords: the tokenizer then splits them exactly as in the warm-start prompt (a
         # byte-level BPE would otherwise see " lamp", another token than the "lamp" the generators learned).
-        return self.ckpt.user_prompt(user, modality)
+        if user is None:
+            return inj.prompt(self.ckpt.population_codes(modality, self.population))
+        return inj.prompt(self.ckpt.codes[modality][self.ckpt.user_index(user)].tolist())
 
     def text_prompts(self, pairs: Sequence[Pair], personalized: bool = True) -> list[str]:
         """The LM prompts; with `text_chat`, each is the user turn of the tokenizer's chat template."""

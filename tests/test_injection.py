@@ -1,6 +1,7 @@
 """Token injection into a tiny GPT-2 (text tokens) and a tiny CLIP text encoder (image tokens)."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from transformers import (
 from dppmg.errors import DppmgError
 from dppmg.tokens import TokenCheckpoint, save_token_checkpoint
 from stage2_generation.injection import (
+    EXPANSIONS_FILE,
     MASKED_LOGIT,
     README_FILE,
     TEXT_ROWS_FILE,
@@ -31,6 +33,7 @@ from stage2_generation.injection import (
     load_exported_tokens,
     load_injected,
     save_injected,
+    saved_word_pieces,
     trainable_parameters,
 )
 
@@ -451,3 +454,79 @@ def test_text_export_loads_into_a_plain_language_model(tmp_path, ckpt):
     assert plain.generation_config.suppress_tokens == loaded.tolist()
     generated = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert not set(loaded.tolist()) & set(generated[0, ids.shape[1] :].tolist())
+
+
+# --- code words: level-0 codes spelt with several rows ------------------------------------------------------
+
+PIECES = {3: [WORDS.index("red"), WORDS.index("wooden")], 5: [WORDS.index("blue")]}  # level-0 code -> ids
+
+
+def test_word_rows_start_as_their_words_and_spell_the_level0_code(ckpt):
+    model, tokenizer, inj = injected_pair(ckpt, "text", word_pieces=PIECES)
+    L, _, _ = SIZES["text"]
+    words = ["<pt_0_3_w0>", "<pt_0_3_w1>", "<pt_0_5_w0>"]
+    assert inj.token_strings == ckpt.token_strings("text") + words
+    assert inj.token_ids.tolist() == list(range(len(WORDS), len(WORDS) + L * K + 3))
+    assert inj.expansions() == {"<pt_0_3>": "<pt_0_3_w0><pt_0_3_w1>", "<pt_0_5>": "<pt_0_5_w0>"}
+    # The prompt holds the level-0 code alone: its words, or its own token when it has none.
+    assert inj.prompt([3, 7]) == "<pt_0_3_w0><pt_0_3_w1>"
+    assert inj.prompt([2, 7]) == "<pt_0_2>"
+    # Before training, the rows are the words' embeddings: the LM reads the spelt code as the words themselves.
+    spelt, plain = encode(tokenizer, inj.prompt([3, 7]) + " lamp"), encode(tokenizer, "red wooden lamp")
+    assert spelt[0, :2].tolist() == inj.token_ids[L * K : L * K + 2].tolist()
+    with torch.no_grad():
+        assert torch.equal(output(model, spelt)[..., : len(WORDS)], output(model, plain)[..., : len(WORDS)])
+    assert any(p is inj.module.word_rows for p in inj.parameters())
+    generated = model.generate(
+        spelt, attention_mask=torch.ones_like(spelt), max_new_tokens=6, do_sample=False
+    )
+    assert not set(inj.token_ids.tolist()) & set(generated[0, spelt.shape[1] :].tolist())
+
+    _, _, plain_inj = injected_pair(ckpt, "text")
+    assert plain_inj.prompt([3, 7]) == "<pt_0_3><pt_1_7>" and plain_inj.expansions() == {}
+    with pytest.raises(DppmgError, match="level-0 code 9"):
+        injected_pair(ckpt, "text", word_pieces={9: [4]})
+
+
+def test_word_rows_save_load_and_refuse_other_spellings(tmp_path, ckpt):
+    model, tokenizer, inj = injected_pair(ckpt, "text", word_pieces=PIECES)
+    randomize(inj)
+    save_injected(tmp_path / "tokens.safetensors", [inj])
+    assert "text.word_rows" in load_file(tmp_path / "tokens.safetensors")
+    fresh_model, _, fresh = injected_pair(ckpt, "text", word_pieces=PIECES)
+    load_injected(tmp_path / "tokens.safetensors", [fresh])
+    assert torch.equal(fresh.rows(), inj.rows())
+    ids = encode(tokenizer, inj.prompt([3, 7]) + " lamp")
+    assert torch.equal(output(fresh_model, ids), output(model, ids))
+    for other in (None, {3: PIECES[3]}, {3: PIECES[3][::-1], 5: PIECES[5]}):  # the same count, other words
+        _, _, elsewhere = injected_pair(ckpt, "text", word_pieces=other)
+        with pytest.raises(DppmgError, match="word_pieces: file has"):
+            load_injected(tmp_path / "tokens.safetensors", [elsewhere])
+    # The file says how its tokens were spelt, so a finished run is rebuilt as it was trained.
+    assert saved_word_pieces(tmp_path / "tokens.safetensors") == PIECES
+    _, _, plain = injected_pair(ckpt, "text")
+    save_injected(tmp_path / "plain.safetensors", [plain])
+    assert saved_word_pieces(tmp_path / "plain.safetensors") is None
+
+
+def test_text_export_with_word_rows_says_how_to_spell_the_codes(tmp_path, ckpt):
+    model, tokenizer, inj = injected_pair(ckpt, "text", word_pieces=PIECES)
+    randomize(inj)
+    ids = encode(tokenizer, inj.prompt([3, 7]) + " lamp")
+    expected = output(model, ids)[..., : len(WORDS)]
+    folder = tmp_path / "export"
+    path = export_text_tokens(inj, tokenizer, folder)
+    spelt = json.loads((folder / EXPANSIONS_FILE).read_text())
+    assert spelt == inj.expansions()
+    assert EXPANSIONS_FILE in (folder / README_FILE).read_text()
+    # As the README says: a plain model, the rows written in, the level-0 token replaced by its spelling.
+    fresh_tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    plain = make_model("text")
+    load_exported_tokens(plain, fresh_tokenizer, path)
+    ids_plain = encode(fresh_tokenizer, spelt.get("<pt_0_3>", "<pt_0_3>") + " lamp")
+    assert ids_plain.tolist() == ids.tolist()
+    assert torch.equal(output(plain, ids_plain)[..., : len(WORDS)], expected)
+    # Without word rows there is no spelling file.
+    _, tokenizer, inj = injected_pair(ckpt, "text")
+    export_text_tokens(inj, tokenizer, tmp_path / "plain")
+    assert not (tmp_path / "plain" / EXPANSIONS_FILE).exists()

@@ -142,13 +142,67 @@ def test_grounding_lowers_its_loss_and_trains_only_the_tokens(world, components)
     before_loss = losses()
     before = all_snapshots(policy)
     grounding = cfg.stage2.grounding
-    grounding = type(grounding)(text_steps=25, image_steps=25, batch_size=16, lr=1e-2, typical_share=1.0)
+    grounding = type(grounding)(
+        text_steps=25, image_steps=25, batch_size=16, lr=1e-2, typical_share=1.0, text_word_rows=True
+    )
     report = ground(policy, ds, pairs, grounding, seed=0, progress=False, images=images)
     after_loss = losses()
     assert set(report) == {"text", "image"}
     assert after_loss[0] < before_loss[0] and after_loss[1] < before_loss[1], (before_loss, after_loss)
     assert_only_tokens_changed(policy, before, "text")
     assert_only_tokens_changed(policy, before, "image")
+
+
+def test_text_tokens_are_spelt_with_code_words_and_grounding_leaves_those_rows_by_default(world, components):
+    """stage2.text_code_words (on by default): the level-0 text codes get word rows from the training users'
+    interactions, started at their words' pieces; the text prompts hold them; text grounding trains them only with
+    grounding.text_word_rows."""
+    _, cfg = world
+    c = copy.deepcopy(components)
+    policy, ds, block = c.policy, c.ds, c.policy.text.module
+    pieces = pipeline_mod.text_word_pieces(cfg, ds, c.ckpt, policy.gen.lm_tokenizer)
+    assert pieces and sorted(block.word_spans) == sorted(pieces)
+    user = next(u for u in range(ds.num_users) if int(c.ckpt.codes["text"][u, 0]) in pieces)
+    code = int(c.ckpt.codes["text"][user, 0])
+    spelt = policy.text.expansions()[c.ckpt.user_tokens(user, "text")[0]]
+    assert spelt.count("_w") == len(pieces[code])
+    assert policy.text_prompts([Pair(user, "lamp")]) == [spelt + "lamp:"]
+    assert policy.image_prompts([Pair(user, "lamp")]) == [c.ckpt.user_prompt(user, "image") + "lamp"]
+    first, n = block.word_spans[code]
+    table = policy.gen.lm.get_input_embeddings().weight
+    start = block.word_rows.detach().clone()
+    assert torch.equal(start[first : first + n], table[pieces[code]])
+
+    train, _ = split_users(ds, 4, cfg.seed)
+    pairs = training_pairs(ds, train)[:16]
+    for train_words in (False, True):
+        grounding = type(cfg.stage2.grounding)(
+            text_steps=5, image_steps=0, batch_size=8, typical_share=1.0, text_word_rows=train_words
+        )
+        ground(policy, ds, pairs, grounding, seed=0, progress=False)
+        assert torch.equal(block.word_rows, start) != train_words
+    assert len(policy.parameters("text", word_rows=False)) == len(policy.parameters("text")) - 1
+
+
+def test_without_code_words_the_text_prompt_holds_every_level(world):
+    tmp, _ = world
+    plain = load_components(cfg_for(tmp, "stage2.text_code_words=0"), progress=False)
+    assert plain.policy.text.module.num_words == 0
+    assert plain.policy.text_prompts([Pair(0, "lamp")]) == [plain.ckpt.user_prompt(0, "text") + "lamp:"]
+
+
+def test_a_run_config_written_before_code_words_reads_as_one_row_per_code(world, tmp_path):
+    _, cfg = world
+    folder = tmp_path / "old"
+    (folder / "stage2").mkdir(parents=True)
+    text = (cfg.run_dir / "stage1" / "config.yaml").read_text()
+    assert "text_code_words" in text
+    old = "\n".join(line for line in text.splitlines() if "text_code_words" not in line)
+    (folder / "stage2" / "config.yaml").write_text(old)
+    assert pipeline_mod.run_config(folder).stage2.text_code_words == 0
+    (folder / "stage2" / "config.yaml").write_text(text)
+    assert pipeline_mod.run_config(folder).stage2.text_code_words == cfg.stage2.text_code_words > 0
+    assert pipeline_mod.run_config(folder, ["stage2.text_code_words=2"]).stage2.text_code_words == 2
 
 
 # --- RL ---------------------------------------------------------------------------------------------------
@@ -353,6 +407,24 @@ def test_images_per_pair_at_its_default_keeps_earlier_runs_fingerprints(world, m
 
     monkeypatch.setattr(pipeline_mod, "to_dict", before_the_key)
     assert pipeline_mod.stage2_fingerprint(cfg, "h", ckpt) == default
+
+
+def test_one_row_per_code_keeps_the_fingerprint_runs_had_before_code_words(world, monkeypatch):
+    _, cfg = world
+    ckpt = TokenCheckpoint.load(pipeline_mod.tokens_folder(cfg))
+    plain = copy.deepcopy(cfg)
+    plain.stage2.text_code_words = 0
+    at_zero = pipeline_mod.stage2_fingerprint(plain, "h", ckpt)
+    assert at_zero != pipeline_mod.stage2_fingerprint(cfg, "h", ckpt)
+    real = pipeline_mod.to_dict
+
+    def before_the_key(section):
+        d = real(section)
+        del d["text_code_words"]
+        return d
+
+    monkeypatch.setattr(pipeline_mod, "to_dict", before_the_key)
+    assert pipeline_mod.stage2_fingerprint(plain, "h", ckpt) == at_zero
 
 
 def test_sampling_precision_is_not_part_of_the_fingerprint(world):
@@ -592,8 +664,11 @@ def test_hf_export_loads_in_transformers_with_and_without_the_base(finished, tun
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, _ = finished
-    lm, tok = tuned.policy.gen.lm, tuned.policy.gen.lm_tokenizer
-    prompt = tuned.policy.text_prompts([Pair(0, "lamp")])[0]
+    lm, tok, ckpt = tuned.policy.gen.lm, tuned.policy.gen.lm_tokenizer, tuned.policy.ckpt
+    spelt = tuned.policy.text.expansions()
+    user = next(u for u in range(ckpt.num_users) if ckpt.user_tokens(u, "text")[0] in spelt)
+    prompt = tuned.policy.text_prompts([Pair(user, "lamp")])[0]
+    assert prompt.startswith(spelt[ckpt.user_tokens(user, "text")[0]])  # the word rows go through the export
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     vocab = tuned.policy.text.token_ids.min().item()  # the base vocabulary, before the tokens
     with torch.no_grad():
@@ -638,8 +713,11 @@ def test_safetensors_export_holds_the_codes_and_the_tuned_rows(finished, tuned, 
         assert torch.equal(tensors[f"codebook.{m}"], ckpt.codebooks[m])
         injected = getattr(tuned.policy, m)
         torch.testing.assert_close(tensors[f"rows.{m}"], injected.rows().detach())
-        assert manifest["modalities"][m]["token_strings"] == injected.token_strings
+        assert manifest["modalities"][m]["row_strings"] == injected.token_strings
+        assert manifest["modalities"][m]["token_strings"] == ckpt.token_strings(m)
+        assert manifest["modalities"][m]["expansions"] == injected.expansions()
         assert Path(manifest["modalities"][m]["base"]).is_dir()
+    assert manifest["modalities"]["text"]["expansions"]  # the debug world spells its text codes
 
 
 def test_export_keeps_an_existing_folder_and_names_what_is_missing(finished, world, tmp_path, capsys):

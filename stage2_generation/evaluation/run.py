@@ -199,7 +199,7 @@ def _open(cfg: Config, progress: bool) -> Evaluation:
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
-    c = load_components(cfg, progress, dataset, ckpt)
+    c = load_components(cfg, progress, dataset, ckpt, trained=stage2 / TOKENS_FILE)
     ds = c.ds
     s2 = cfg.stage2
     train_users, held_users = split_users(ds, s2.generation.heldout_users, cfg.seed)
