@@ -335,7 +335,7 @@ class GroundingConfig:
     # trains them either way. The LM loss of the item texts takes them away from their words faster than it teaches
     # them anything the judge sees: held-out hit_text 0.462 at the words, 0.413 / 0.410 / 0.413 after 300 steps at
     # lr 1e-2 / 1e-3 / 3e-3 (training users' 0.541 falls to ~0.45 too; BENCHMARKS.md, "Text tokens spelt with code
-    # words").
+    # words: the method").
     text_word_rows: bool = False
     # Share of each user's interactions grounding trains on, the most typical first (grounding.typical_pairs);
     # 1 uses them all. Held-out personalization_image after grounding at 1 / 0.5 / 0.3 / 0.2: 0.090 / 0.117 / 0.150
@@ -448,10 +448,10 @@ class Stage2Config:
     overwrite: bool = False  # replace a finished stage-2 result of another config
     # Each level-0 text code is spelt as the BPE pieces of its top N code words (the words that set apart its users'
     # items, by lift over the training interactions; stage2_generation/code_words.py): one token row per piece,
-    # started at the piece's embedding, then grounded and RL-trained. The text prompt then holds the user's level-0
-    # code alone. 0: one row per code and level, a projection of the codebook (the paper's tokens). Held-out
-    # hit_text of the run's tokens 0.280 with 0, 0.470 with 5 before grounding (BENCHMARKS.md, "Text tokens
-    # spelt with code words").
+    # started at the piece's embedding, then RL-trained (grounding leaves them: grounding.text_word_rows). The text
+    # prompt then holds the user's level-0 code alone. 0: one row per code and level, a projection of the codebook
+    # (the paper's tokens). Default world, `make eval`: held-out hit_text 0.280 with 0, 0.495 [0.443, 0.545] with 5
+    # (BENCHMARKS.md, "Text tokens spelt with code words: the method").
     text_code_words: int = 5
     # The run whose finished stage 1 this run's stage 2 uses (runs/<stage1_run>/stage1 is linked into this run's
     # folder); unset: this run's own. Stage-2 sweeps set it, so that every trial shares one stage 1.

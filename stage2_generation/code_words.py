@@ -9,10 +9,10 @@ works on real data as on the synthetic world, and never looks at a judge.
 
 Stage 2 uses them to start the text tokens (`stage2.text_code_words`): each level-0 text code becomes several
 token rows, one per BPE piece of its top words, started at those pieces' embeddings, the multi-vector tokens of
-textual inversion (Gal et al., 2022, as diffusers' `load_textual_inversion` loads them). Grounding and RL then
-train the rows. A single row per code, started from a projection of the codebook, carried less of the code than
-its words do: held-out hit_text 0.280 against 0.470 for five code words' pieces (benchmarks/probe_code_words.py,
-benchmarks/probe_multivector.py; BENCHMARKS.md, "Text tokens spelt with code words").
+textual inversion (Gal et al., 2022, as diffusers' `load_textual_inversion` loads them). RL then trains the rows.
+A single row per code, started from a projection of the codebook, carried less of the code than its words do:
+`make eval`'s held-out hit_text 0.280 against 0.495 for five code words' pieces (benchmarks/probe_code_words.py,
+benchmarks/probe_multivector.py; BENCHMARKS.md, "Text tokens spelt with code words: the method").
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dppmg.config import WarmStartConfig
 from dppmg.data.imageio import as_pixels01
 from dppmg.image_encoder import MEAN, STD, EfficientNetEncoder, build_image_encoder
 from dppmg.models import SOURCE_FILE, dequantized_folder, load_causal_lm, packaged
+from stage2_generation.code_words import level0_pieces
 from stage2_generation.generators import generate_texts
 from stage2_generation.injection import MASKED_LOGIT, inject_tokens, trainable_parameters
 from stage2_generation.prompts import chat_prompt, target_separator
@@ -153,6 +154,29 @@ def test_personalized_smollm2_generates_text_and_never_a_preference_token(person
         logits = model(**batch).logits
     assert not set(inj.token_ids.tolist()) & set(out[:, batch["input_ids"].shape[1] :].flatten().tolist())
     assert (logits[..., inj.token_ids] == MASKED_LOGIT).all()
+
+
+def test_smollm2_reads_a_code_spelt_with_word_rows_as_the_words(tmp_path):
+    """stage2.text_code_words on the real LLM: its tokenizer's pieces of the code words, one row each, read by the
+    model exactly as the words until training moves them, and never generated."""
+    require(SMOLLM.module)
+    model, tokenizer = load_causal_lm(SMOLLM.name, cache_dir=CACHE)
+    ckpt = text_token_checkpoint(tmp_path, *TOKEN_SIZES, USER_CODES, HASH)
+    pieces = level0_pieces({(0, 3): ["rustic", "walnut", "farmhouse"], (1, 4): ["ignored"]}, tokenizer, 5)
+    assert list(pieces) == [3] and len(pieces[3]) >= 3  # level 0 only; words may split into several pieces
+    inj = inject_tokens(model, tokenizer, ckpt, "text", content_hash=HASH, word_pieces=pieces)
+    spelt = inj.prompt(ckpt.codes["text"][1].tolist())  # user 1 holds code 3 at level 0
+    assert spelt == "".join(f"<pt_0_3_w{j}>" for j in range(len(pieces[3])))
+    rest = tokenizer("red lamp:", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tokenizer(spelt, add_special_tokens=False)["input_ids"] + rest])
+    plain = torch.tensor([pieces[3] + rest])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :VOCAB], model(plain).logits[..., :VOCAB])
+    [prompt] = [chat_prompt(tokenizer, spelt + "red lamp:")]
+    batch = tokenizer([prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not set(inj.token_ids.tolist()) & set(out[0, batch["input_ids"].shape[1] :].tolist())
 
 
 # --- EfficientNet-Lite0 ----------------------------------------------------------------------------------
