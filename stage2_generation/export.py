@@ -147,13 +147,10 @@ class Tuned:
 
 def load_tuned(folder: Path, progress: bool = True) -> Tuned:
     """The run's generators with its tuned tokens loaded, as stage 2 left them."""
-    from stage2_generation.injection import load_injected
     from stage2_generation.pipeline import TOKENS_FILE, load_components, run_config
 
     cfg = run_config(folder)
-    trained = folder / "stage2" / TOKENS_FILE
-    c = load_components(cfg, progress, trained=trained)
-    load_injected(trained, c.policy.injected)
+    c = load_components(cfg, progress, trained=folder / "stage2" / TOKENS_FILE)
     generators = c.policy.gen.info.get("folder")
     if generators is None or not (Path(generators) / GENERATORS_MANIFEST).is_file():
         raise DppmgError(

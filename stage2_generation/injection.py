@@ -101,16 +101,17 @@ class TokenRows(nn.Module):
             else None
         )
         self._init_like(reference)
-        # {level-0 code: (index of its first word row, count)}, and the ids the rows started at
+        # The ids each spelt level-0 code's rows started at, and {code: (index of its first word row, count)}
+        self.word_pieces: dict[int, list[int]] = {}
         self.word_spans: dict[int, tuple[int, int]] = {}
-        self.word_pieces = {int(c): [int(i) for i in ids] for c, ids in sorted((word_pieces or {}).items())}
         ids: list[int] = []
         for code, pieces in sorted((word_pieces or {}).items()):
             if not 0 <= code < size or not pieces:
                 raise DppmgError(
                     f"word rows for level-0 code {code}: expected a code in [0, {size}) and >= 1 piece"
                 )
-            self.word_spans[code] = (len(ids), len(pieces))
+            self.word_pieces[int(code)] = [int(i) for i in pieces]
+            self.word_spans[int(code)] = (len(ids), len(pieces))
             ids.extend(pieces)
         self.word_rows = (
             nn.Parameter(reference.detach().float()[torch.tensor(ids, device=device)].clone())
@@ -223,16 +224,19 @@ class InjectedTokens:
             return "".join(
                 self.token_strings[level * block.codebook_size + c] for level, c in enumerate(codes)
             )
-        return self.expansions().get(self.token_strings[codes[0]], self.token_strings[codes[0]])
+        return self._spelling(codes[0])
 
     def expansions(self) -> dict[str, str]:
         """{level-0 code token: the word-row strings that spell it}, for the codes that have word rows."""
-        block, strings = self.module, self.token_strings
-        first = block.num_code_tokens
-        return {
-            strings[code]: "".join(strings[first + start : first + start + n])
-            for code, (start, n) in block.word_spans.items()
-        }
+        return {self.token_strings[code]: self._spelling(code) for code in self.module.word_spans}
+
+    def _spelling(self, code: int) -> str:
+        """Level-0 `code` in a prompt: its word rows' strings, or its own token when it has none."""
+        span = self.module.word_spans.get(code)
+        if span is None:
+            return self.token_strings[code]
+        start = self.module.num_code_tokens + span[0]
+        return "".join(self.token_strings[start : start + span[1]])
 
     def named_rows(self) -> dict[str, torch.Tensor]:
         """{token string: row [D]}, detached float32 copies on the CPU, for exporting."""

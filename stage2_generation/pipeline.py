@@ -225,7 +225,7 @@ def load_components(
     `ckpt` the run's token checkpoint when the caller has already loaded it. The checkpoint must have the sizes
     `stage1_expectation` states, unless it is a `variant` an evaluation made from it (evaluation.methods).
     `trained` is a finished run's token-parameter file: the text tokens are then spelt with the code words it was
-    trained with (`injection.saved_word_pieces`), not computed again.
+    trained with (`injection.saved_word_pieces`), not computed again, and its parameters are loaded.
     """
     from dppmg.data.prepare import prepare
     from dppmg.text_encoder import TextEncoder
@@ -255,6 +255,8 @@ def load_components(
     policy = Policy.inject(
         gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed, population=population, text_words=words
     )
+    if trained is not None:
+        load_injected(trained, policy.injected)
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
     rewarder = Rewarder(ds, scorer, encoder, s2.rl.weights)
     return Components(ds, ckpt, policy, rewarder, warm_seconds)
@@ -871,9 +873,7 @@ def generate(
     ds, ckpt = load_dataset(prepare(cfg, progress=progress)), TokenCheckpoint.load(tokens_folder(cfg))
     ckpt.check_compatible(str(ds.meta["content_hash"]), stage1_expectation(cfg, ds, ckpt))
     requested = resolve_users(users, ds, ckpt, cold_start)
-    trained = folder / "stage2" / TOKENS_FILE
-    c = load_components(cfg, progress, dataset=ds.root, ckpt=ckpt, trained=trained)
-    load_injected(trained, c.policy.injected)
+    c = load_components(cfg, progress, dataset=ds.root, ckpt=ckpt, trained=folder / "stage2" / TOKENS_FILE)
     for r in requested:
         if r.fallback is not None and personalized:
             tokens = " ".join(c.ckpt.population_prompt(m, c.policy.population) for m in c.ckpt.modalities)
