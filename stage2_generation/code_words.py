@@ -7,9 +7,10 @@ A code (level l, index k) of a modality is named by the words of its users' item
 among words seen at least MIN_COUNT times with the code. Nothing but interactions and item texts goes in, so it
 works on real data as on the synthetic world, and never looks at a judge.
 
-Stage 2 uses them to start the text tokens (`stage2.text_code_words`): each level-0 text code becomes several
-token rows, one per BPE piece of its top words, started at those pieces' embeddings, the multi-vector tokens of
-textual inversion (Gal et al., 2022, as diffusers' `load_textual_inversion` loads them). RL then trains the rows.
+Stage 2 uses them to start the tokens (`stage2.text_code_words`, `stage2.image_code_words`): each level-0 code
+becomes several token rows, one per piece of its top words in the generator's tokenizer, started at those pieces'
+embeddings, the multi-vector tokens of textual inversion (Gal et al., 2022, as diffusers' `load_textual_inversion`
+loads them). RL then trains the rows.
 A single row per code, started from a projection of the codebook, carried less of the code than its words do:
 `make eval`'s held-out hit_text 0.280 against 0.495 for five code words' pieces (benchmarks/probe_code_words.py,
 benchmarks/probe_multivector.py; BENCHMARKS.md, "Text tokens spelt with code words: the method").
@@ -75,12 +76,18 @@ def level0_pieces(
 ) -> dict[int, list[int]]:
     """Level-0 code -> the tokenizer's ids of " w1 w2 ... w_count" (its top words, as a prompt would hold them).
 
-    Codes without words are left out: they keep their single token.
+    A word the tokenizer can only spell with its unknown token (a word-level vocabulary without it, as the tiny
+    image pipeline's text encoder has) is passed over for the next one. Codes without words are left out: they
+    keep their single token.
     """
+    unk = tokenizer.unk_token_id
+
+    def known(word: str) -> bool:
+        return unk is None or unk not in tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+
     pieces = {}
     for (level, code), ranked in sorted(named.items()):
-        if level == 0 and ranked:
-            pieces[code] = list(
-                tokenizer(" " + " ".join(ranked[:count]), add_special_tokens=False)["input_ids"]
-            )
+        chosen = [w for w in ranked if known(w)][:count] if level == 0 else []
+        if chosen:
+            pieces[code] = list(tokenizer(" " + " ".join(chosen), add_special_tokens=False)["input_ids"])
     return pieces

@@ -250,10 +250,16 @@ def ground(
             chosen = batch if rows is None else [batch[r] for r in rows]
             return image_loss(policy, chosen, pixels[[p.item for p in batch]], rng, rows), len(chosen)
 
+        block = policy.image.module
+        if block.word_spans and not cfg.image_word_rows:
+            logger.info(
+                "grounding image: the %d code-word rows stay at their words (grounding.image_word_rows=false)",
+                block.num_words,
+            )
         report["image"] = fit(
             "image",
             image_fn,
-            policy.parameters("image"),
+            policy.parameters("image", cfg.image_word_rows),
             len(usable),
             cfg,
             cfg.image_steps,

@@ -475,14 +475,14 @@ A user's tokens, e.g. `<pt_0_17><pt_1_3>`, go at the start of the prompt (`dppmg
 """
 
 _EXPANSIONS_NOTE = """
-These tokens are spelt with code words (stage2.text_code_words): the prompt holds the user's level-0 token alone,
-replaced by the rows that spell it, as diffusers expands a multi-vector textual-inversion token.
+These tokens are spelt with code words (stage2.{modality}_code_words): the prompt holds the user's level-0 token
+alone, replaced by the rows that spell it, as diffusers expands a multi-vector textual-inversion token.
 `{expansions}` maps each spelt token to its rows' strings, e.g. `{example}` -> `{spelt}`; a level-0 token
 missing from it is used as it is:
 
     import json
     spelt = json.load(open("<this folder>/{expansions}"))
-    prompt = spelt.get(level0_token, level0_token) + "red lamp:"
+    prompt = spelt.get(level0_token, level0_token) + "{suffix}"
 """
 
 _IMAGE_README = """# DPPMG {modality} preference tokens: {count} tokens, {dim}-dim text-encoder rows
@@ -511,19 +511,31 @@ def export_text_tokens(
         dim=injected.projection.out_features,
         rows_file=TEXT_ROWS_FILE,
     )
-    expansions = injected.expansions()
-    if expansions:
-        example = next(iter(expansions))
-        readme += _EXPANSIONS_NOTE.format(
-            expansions=EXPANSIONS_FILE, example=example, spelt=expansions[example]
-        )
+    readme += _expansions_note(injected, "red lamp:")
 
     def extra(stage: Path) -> None:
         tokenizer.save_pretrained(str(stage))
-        if expansions:
-            write_json(stage / EXPANSIONS_FILE, expansions)
+        _write_expansions(injected, stage)
 
     return _write_export(folder, TEXT_ROWS_FILE, rows, readme, extra=extra)
+
+
+def _expansions_note(injected: InjectedTokens, suffix: str) -> str:
+    """The README's paragraph on spelt level-0 tokens ("" when no code is spelt)."""
+    expansions = injected.expansions()
+    if not expansions:
+        return ""
+    example = next(iter(expansions))
+    return _EXPANSIONS_NOTE.format(
+        modality=injected.modality, expansions=EXPANSIONS_FILE, example=example, spelt=expansions[example],
+        suffix=suffix,
+    )  # fmt: skip
+
+
+def _write_expansions(injected: InjectedTokens, stage: Path) -> None:
+    expansions = injected.expansions()
+    if expansions:
+        write_json(stage / EXPANSIONS_FILE, expansions)
 
 
 def export_image_tokens(injected: InjectedTokens, folder: str | Path) -> Path:
@@ -534,8 +546,10 @@ def export_image_tokens(injected: InjectedTokens, folder: str | Path) -> Path:
         count=len(rows),
         dim=injected.projection.out_features,
         rows_file=TEXTUAL_INVERSION_FILE,
+    ) + _expansions_note(injected, "red lamp")
+    return _write_export(
+        folder, TEXTUAL_INVERSION_FILE, rows, readme, extra=lambda stage: _write_expansions(injected, stage)
     )
-    return _write_export(folder, TEXTUAL_INVERSION_FILE, rows, readme)
 
 
 def _write_export(

@@ -122,7 +122,9 @@ class Stage2State:
 # stage2.generation keys added after finished runs existed, with their defaults (`runs.without_later_keys`): at
 # the default, those runs stay finished and eval still accepts them.
 LATER_GENERATION_KEYS = {"images_per_pair": 1}
-LATER_STAGE2_KEYS = {"text_code_words": 0}  # at 0 a run is what it was before the key existed
+# At these values a run is what it was before the key existed.
+LATER_STAGE2_KEYS = {"text_code_words": 0, "image_code_words": 0}
+LATER_GROUNDING_KEYS = {"image_word_rows": False}
 
 
 def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) -> str:
@@ -132,6 +134,7 @@ def stage2_fingerprint(cfg: Config, content_hash: str, ckpt: TokenCheckpoint) ->
     s2["generators"].pop("device", None)
     s2["generation"].pop("precision", None)  # how sampling computes, like the device: not what the run is
     s2["generation"] = without_later_keys(s2["generation"], LATER_GENERATION_KEYS)
+    s2["grounding"] = without_later_keys(s2["grounding"], LATER_GROUNDING_KEYS)
     s2 = without_later_keys(s2, LATER_STAGE2_KEYS)
     digest = ckpt.digest()
     blob = json.dumps(
@@ -224,7 +227,7 @@ def load_components(
     `dataset` is the processed dataset's folder when the caller has just prepared it (not prepared again), and
     `ckpt` the run's token checkpoint when the caller has already loaded it. The checkpoint must have the sizes
     `stage1_expectation` states, unless it is a `variant` an evaluation made from it (evaluation.methods).
-    `trained` is a finished run's token-parameter file: the text tokens are then spelt with the code words it was
+    `trained` is a finished run's token-parameter file: the tokens are then spelt with the code words they were
     trained with (`injection.saved_word_pieces`), not computed again, and its parameters are loaded.
     """
     from dppmg.data.prepare import prepare
@@ -246,15 +249,17 @@ def load_components(
     )  # fmt: skip
     warm_seconds = time.perf_counter() - start
     population = users_with_history(ds, ckpt)
+    tokenizers = {"text": gen.lm_tokenizer, "image": gen.pipe.tokenizer}
     if variant:
-        words = None
+        words = dict.fromkeys(tokenizers)
     elif trained is not None:
-        words = saved_word_pieces(trained)
+        words = {m: saved_word_pieces(trained, m) for m in tokenizers}
     else:
-        words = text_word_pieces(cfg, ds, ckpt, gen.lm_tokenizer)
+        words = {m: word_pieces(cfg, ds, ckpt, tok, m) for m, tok in tokenizers.items()}
     policy = Policy.inject(
-        gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed, population=population, text_words=words
-    )
+        gen, ckpt, content_hash, s2.warmstart, seed=cfg.seed, population=population,
+        text_words=words["text"], image_words=words["image"],
+    )  # fmt: skip
     if trained is not None:
         load_injected(trained, policy.injected)
     encoder = TextEncoder(cfg.features.text_encoder, cfg.features.text_max_length, cfg.features.device)
@@ -263,24 +268,29 @@ def load_components(
 
 
 def run_config(folder: Path, overrides: list[str] | None = None) -> Config:
-    """A finished run's stage-2 config (stage2/config.yaml) with `overrides`. A run written before
-    `stage2.text_code_words` existed had one token row per code: its config reads as 0, not today's default."""
+    """A finished run's stage-2 config (stage2/config.yaml) with `overrides`. A key of LATER_STAGE2_KEYS that a
+    run's config lacks (it was written before the key existed) reads as the value that run had, not today's
+    default: a run before `stage2.text_code_words` had one token row per code."""
     path = folder / "stage2" / "config.yaml"
     saved = OmegaConf.load(path) if path.is_file() else None
-    older = saved is not None and "text_code_words" not in (saved.get("stage2") or {})
-    return load_config(path, (["stage2.text_code_words=0"] if older else []) + list(overrides or []))
+    written = (saved.get("stage2") or {}) if saved is not None else None
+    older = [
+        f"stage2.{k}={v}" for k, v in LATER_STAGE2_KEYS.items() if written is not None and k not in written
+    ]
+    return load_config(path, older + list(overrides or []))
 
 
-def text_word_pieces(
-    cfg: Config, ds: ProcessedDataset, ckpt: TokenCheckpoint, tokenizer
+def word_pieces(
+    cfg: Config, ds: ProcessedDataset, ckpt: TokenCheckpoint, tokenizer, modality: str
 ) -> dict[int, list[int]] | None:
-    """Level-0 text code -> its code words' pieces in the LM's tokenizer (`stage2.text_code_words`), from the
-    training users' interactions (the held-out users' are never read); None when off or without text tokens."""
-    count = cfg.stage2.text_code_words
-    if count <= 0 or "text" not in ckpt.modalities:
+    """Level-0 code of `modality` -> its code words' pieces in `tokenizer` (`stage2.text_code_words`,
+    `stage2.image_code_words`), from the training users' interactions (the held-out users' are never read); None
+    when off or without the modality's tokens."""
+    count = getattr(cfg.stage2, f"{modality}_code_words")
+    if count <= 0 or modality not in ckpt.modalities:
         return None
     train_users, _ = split_users(ds, cfg.stage2.generation.heldout_users, cfg.seed)
-    codes = ckpt.codes["text"]
+    codes = ckpt.codes[modality]
     named = code_words(
         training_pairs(ds, train_users),
         lambda user: codes[ckpt.user_index(user)].tolist(),
@@ -288,8 +298,8 @@ def text_word_pieces(
     )
     pieces = level0_pieces(named, tokenizer, count)
     logger.info(
-        "text tokens: %d of %d level-0 codes spelt with their top %d code words (%d rows)",
-        len(pieces), ckpt.codebook_size("text"), count, sum(map(len, pieces.values())),
+        "%s tokens: %d of %d level-0 codes spelt with their top %d code words (%d rows)",
+        modality, len(pieces), ckpt.codebook_size(modality), count, sum(map(len, pieces.values())),
     )  # fmt: skip
     return pieces
 

@@ -70,6 +70,7 @@ class Policy:
         seed: int = 0,
         population: list[int] | None = None,
         text_words: dict[int, list[int]] | None = None,
+        image_words: dict[int, list[int]] | None = None,
     ) -> Policy:
         """Inject the checkpoint's text tokens into the LM and its image tokens into the diffusion text encoder.
 
@@ -77,7 +78,8 @@ class Policy:
         and every original weight are frozen; the returned policy's `parameters()` are all that can train.
         `population` are the users (rows) a `Pair` without a user takes its tokens from. `text_words` spells
         level-0 text codes with word rows (`inject_tokens`' `word_pieces`, ids in the LM's tokenizer); the text
-        prompts then hold the user's level-0 code only, as those rows.
+        prompts then hold the user's level-0 code only, as those rows. `image_words` does the same for the image
+        codes, in the image pipeline's tokenizer.
         """
         if not set(ckpt.modalities) & {"text", "image"}:
             raise DppmgError(f"{ckpt.path}: the token checkpoint has neither text nor image tokens")
@@ -97,7 +99,13 @@ class Policy:
         pipe = gen.pipe
         if "image" in ckpt.modalities:
             image = inject_tokens(
-                pipe.text_encoder, pipe.tokenizer, ckpt, "image", content_hash=content_hash, seed=seed
+                pipe.text_encoder,
+                pipe.tokenizer,
+                ckpt,
+                "image",
+                content_hash=content_hash,
+                seed=seed,
+                word_pieces=image_words,
             )
         else:
             pipe.text_encoder.requires_grad_(False)

@@ -530,3 +530,31 @@ def test_text_export_with_word_rows_says_how_to_spell_the_codes(tmp_path, ckpt):
     _, tokenizer, inj = injected_pair(ckpt, "text")
     export_text_tokens(inj, tokenizer, tmp_path / "plain")
     assert not (tmp_path / "plain" / EXPANSIONS_FILE).exists()
+
+
+def test_image_export_with_word_rows_loads_with_diffusers_and_says_how_to_spell_the_codes(tmp_path, ckpt):
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    class Loader(TextualInversionLoaderMixin):
+        hf_device_map = None
+        components: dict = {}
+
+    model, tokenizer, inj = injected_pair(ckpt, "image", word_pieces=PIECES)
+    randomize(inj)
+    text = inj.prompt([3, 7, 1]) + " lamp"
+    assert text.startswith("<pi_0_3_w0><pi_0_3_w1>")
+    expected = output(model, encode(tokenizer, text))
+    folder = tmp_path / "export"
+    path = export_image_tokens(inj, folder)
+    spelt = json.loads((folder / EXPANSIONS_FILE).read_text())
+    assert spelt == inj.expansions() and EXPANSIONS_FILE in (folder / README_FILE).read_text()
+    rows = load_file(path)
+    encoder, fresh_tokenizer = make_model("image"), make_tokenizer()
+    Loader().load_textual_inversion(
+        list(rows.values()), token=list(rows), tokenizer=fresh_tokenizer, text_encoder=encoder
+    )  # as the export's README says, then the level-0 token replaced by its spelling
+    ids = encode(fresh_tokenizer, spelt.get("<pi_0_3>", "<pi_0_3>") + " lamp")
+    assert torch.equal(output(encoder, ids), expected)
+    _, _, plain = injected_pair(ckpt, "image")
+    export_image_tokens(plain, tmp_path / "plain")
+    assert not (tmp_path / "plain" / EXPANSIONS_FILE).exists()

@@ -24,7 +24,7 @@ from stage2_generation import judges as judges_mod
 from stage2_generation import pipeline as pipeline_mod
 from stage2_generation import rl as rl_mod
 from stage2_generation.evaluate import heldout_pairs, split_users
-from stage2_generation.generators import RowSampler
+from stage2_generation.generators import RowSampler, image_shape
 from stage2_generation.grounding import ground, image_loss, text_loss, training_pairs, typical_pairs
 from stage2_generation.judges import IMAGE_JUDGE_METRICS
 from stage2_generation.pipeline import CONDITIONS, load_components, resolve_users, run_stage2
@@ -143,7 +143,13 @@ def test_grounding_lowers_its_loss_and_trains_only_the_tokens(world, components)
     before = all_snapshots(policy)
     grounding = cfg.stage2.grounding
     grounding = type(grounding)(
-        text_steps=25, image_steps=25, batch_size=16, lr=1e-2, typical_share=1.0, text_word_rows=True
+        text_steps=25,
+        image_steps=25,
+        batch_size=16,
+        lr=1e-2,
+        typical_share=1.0,
+        text_word_rows=True,
+        image_word_rows=True,
     )
     report = ground(policy, ds, pairs, grounding, seed=0, progress=False, images=images)
     after_loss = losses()
@@ -160,14 +166,13 @@ def test_text_tokens_are_spelt_with_code_words_and_grounding_leaves_those_rows_b
     _, cfg = world
     c = copy.deepcopy(components)
     policy, ds, block = c.policy, c.ds, c.policy.text.module
-    pieces = pipeline_mod.text_word_pieces(cfg, ds, c.ckpt, policy.gen.lm_tokenizer)
+    pieces = pipeline_mod.word_pieces(cfg, ds, c.ckpt, policy.gen.lm_tokenizer, "text")
     assert pieces and sorted(block.word_spans) == sorted(pieces)
     user = next(u for u in range(ds.num_users) if int(c.ckpt.codes["text"][u, 0]) in pieces)
     code = int(c.ckpt.codes["text"][user, 0])
     spelt = policy.text.expansions()[c.ckpt.user_tokens(user, "text")[0]]
     assert spelt.count("_w") == len(pieces[code])
     assert policy.text_prompts([Pair(user, "lamp")]) == [spelt + "lamp:"]
-    assert policy.image_prompts([Pair(user, "lamp")]) == [c.ckpt.user_prompt(user, "image") + "lamp"]
     first, n = block.word_spans[code]
     table = policy.gen.lm.get_input_embeddings().weight
     start = block.word_rows.detach().clone()
@@ -182,6 +187,38 @@ def test_text_tokens_are_spelt_with_code_words_and_grounding_leaves_those_rows_b
         ground(policy, ds, pairs, grounding, seed=0, progress=False)
         assert torch.equal(block.word_rows, start) != train_words
     assert len(policy.parameters("text", word_rows=False)) == len(policy.parameters("text")) - 1
+
+
+def test_image_tokens_are_spelt_with_code_words_in_the_pipelines_tokenizer(world):
+    """stage2.image_code_words: the level-0 image codes get word rows in the image pipeline's (word-level)
+    tokenizer, never its unknown token; the image prompts hold them; grounding trains them unless
+    grounding.image_word_rows is false."""
+    tmp, _ = world
+    cfg = cfg_for(tmp, "stage2.image_code_words=3")
+    c = load_components(cfg, progress=False)
+    policy, ds, block = c.policy, c.ds, c.policy.image.module
+    tokenizer = policy.gen.pipe.tokenizer
+    pieces = pipeline_mod.word_pieces(cfg, ds, c.ckpt, tokenizer, "image")
+    assert pieces and sorted(block.word_spans) == sorted(pieces)
+    assert all(0 < len(ids) <= 3 and tokenizer.unk_token_id not in ids for ids in pieces.values())
+    user = next(u for u in range(ds.num_users) if int(c.ckpt.codes["image"][u, 0]) in pieces)
+    code = int(c.ckpt.codes["image"][user, 0])
+    spelt = policy.image.expansions()[c.ckpt.user_tokens(user, "image")[0]]
+    assert policy.image_prompts([Pair(user, "lamp")]) == [spelt + "lamp"]
+    first, n = block.word_spans[code]
+    start = block.word_rows.detach().clone()
+    table = policy.gen.pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(start[first : first + n], table[pieces[code]])
+
+    train, _ = split_users(ds, 4, cfg.seed)
+    pairs = training_pairs(ds, train)[:16]
+    images = np.zeros((len(ds.items), *image_shape(policy.gen.pipe), 3), dtype=np.uint8)
+    for train_words in (False, True):
+        grounding = type(cfg.stage2.grounding)(
+            text_steps=0, image_steps=3, batch_size=8, typical_share=1.0, image_word_rows=train_words
+        )
+        ground(policy, ds, pairs, grounding, seed=0, progress=False, images=images)
+        assert torch.equal(block.word_rows, start) != train_words
 
 
 def test_without_code_words_the_text_prompt_holds_every_level(world):
@@ -203,6 +240,12 @@ def test_a_run_config_written_before_code_words_reads_as_one_row_per_code(world,
     (folder / "stage2" / "config.yaml").write_text(text)
     assert pipeline_mod.run_config(folder).stage2.text_code_words == cfg.stage2.text_code_words > 0
     assert pipeline_mod.run_config(folder, ["stage2.text_code_words=2"]).stage2.text_code_words == 2
+    # a run written after text_code_words and before image_code_words: the image key alone reads as 0
+    (folder / "stage2" / "config.yaml").write_text(
+        "\n".join(line for line in text.splitlines() if "image_code_words" not in line)
+    )
+    later = pipeline_mod.run_config(folder).stage2
+    assert later.image_code_words == 0 and later.text_code_words == cfg.stage2.text_code_words
 
 
 # --- RL ---------------------------------------------------------------------------------------------------
@@ -413,14 +456,14 @@ def test_one_row_per_code_keeps_the_fingerprint_runs_had_before_code_words(world
     _, cfg = world
     ckpt = TokenCheckpoint.load(pipeline_mod.tokens_folder(cfg))
     plain = copy.deepcopy(cfg)
-    plain.stage2.text_code_words = 0
+    plain.stage2.text_code_words = plain.stage2.image_code_words = 0
     at_zero = pipeline_mod.stage2_fingerprint(plain, "h", ckpt)
     assert at_zero != pipeline_mod.stage2_fingerprint(cfg, "h", ckpt)
     real = pipeline_mod.to_dict
 
-    def before_the_key(section):
+    def before_the_key(section):  # the code-word keys, text and image, did not exist
         d = real(section)
-        del d["text_code_words"]
+        del d["text_code_words"], d["image_code_words"], d["grounding"]["image_word_rows"]
         return d
 
     monkeypatch.setattr(pipeline_mod, "to_dict", before_the_key)
@@ -599,7 +642,9 @@ def test_resolve_users_falls_back_only_for_users_without_tokens_of_their_own(com
     # The fallback prompt is the population's mode per level, of the users with history only.
     policy = components.policy
     assert policy.population == list(range(ckpt.num_users))
-    want = fill_prompt(policy.prompts.image_prompt, "lamp", ckpt.population_prompt("image"))
+    level0 = ckpt.population_prompt("image").split(">")[0] + ">"  # with code words, level 0's spelling alone
+    spelt = policy.image.expansions().get(level0, level0)
+    want = fill_prompt(policy.prompts.image_prompt, "lamp", spelt)
     assert policy.image_prompts([Pair(None, "lamp")]) == [want]
 
 
