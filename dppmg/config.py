@@ -279,9 +279,10 @@ class WarmStartConfig:
     # The text part takes ~35 s on 2 CPU cores, the image part 0.2-0.4 s a step at batch 16 (750 small steps drew
     # cleaner shapes than 450 steps at batch 32 or 1300 at batch 8 in the same time). 3000 image steps (loss 0.054
     # -> 0.026 at the end of the run, against 750) are what teach the default world's generator its patterns: asked
-    # for "striped", "checked", "polka-dot" or "plain", the attribute judge read the asked pattern in 0.98 / 0.67 /
-    # 0.23 / 0.47 of 64 images, against 0.44 / 0.23 / 0.42 / 0.22 after 750 steps, and `none` drew the target's
-    # category 0.70 of the time instead of 0.36 (BENCHMARKS.md, "What the image generator can draw").
+    # for "striped", "checked", "polka-dot" or "plain", the attribute judge read the asked pattern in 0.97 / 0.73 /
+    # 0.20 / 0.48 of 64 images, against 0.33 / 0.27 / 0.41 / 0.25 after 750 steps (colours: 0.70 against 0.77 on
+    # average), and `none` drew the target's category 0.70 of the time instead of 0.36 (BENCHMARKS.md, "What the
+    # image generator can draw"; benchmarks/probe_image_words.py).
     text_steps: int = 3000  # LM optimizer steps; 0 skips the text part
     image_steps: int = 3000  # diffusion optimizer steps; 0 skips the image part
     batch_size: int = 16
