@@ -34,7 +34,7 @@ from probe_code_words import judged_world  # noqa: E402  (a script's folder is o
 
 from dppmg.config import load_config  # noqa: E402
 from dppmg.data.synthetic import CATEGORIES, SYNONYMS, VISUAL_ATTRIBUTES  # noqa: E402
-from stage2_generation.attributes import TARGET_ATTRIBUTE, preference_hit_rates  # noqa: E402
+from stage2_generation.attributes import ATTRIBUTE_PREFIX, TARGET_ATTRIBUTE, preference_hit_rates  # noqa: E402
 from stage2_generation.code_words import code_words  # noqa: E402
 from stage2_generation.generators import generate_images  # noqa: E402
 from stage2_generation.injection import load_injected  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
             print(f"| {attribute} | {word} | {np.mean(seen == value):.2f} |", flush=True)
 
     users = c.ds.users.set_index("user_idx").loc[[p.user for p in pairs]]
-    category = c.ds.items[f"attr_{TARGET_ATTRIBUTE}"].astype(str).to_numpy()
+    category = c.ds.items[f"{ATTRIBUTE_PREFIX}{TARGET_ATTRIBUTE}"].astype(str).to_numpy()
     truth = np.asarray([category[p.item] for p in pairs], dtype=object)
     codes = c.ckpt.codes["image"]
     named = code_words(pool, lambda user: codes[c.ckpt.user_index(user)].tolist(), words)

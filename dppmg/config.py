@@ -343,8 +343,9 @@ class GroundingConfig:
     # words: the method").
     text_word_rows: bool = False
     # The same for the image side's word rows (stage2.image_code_words). Grounding them with the diffusion loss of the
-    # items' images made them crowd out the target: held-out target_hit_image 0.750 -> 0.453, fidelity -9 % (the
-    # reward's own term), hit_image 0.578 -> 0.555 (BENCHMARKS.md, "Image tokens spelt with code words").
+    # items' images made them crowd out the target: held-out target_hit_image after RL 0.750 -> 0.453, fidelity -8 %
+    # (the reward's own term), hit_image 0.586 -> 0.562 (BENCHMARKS.md, "What the image generator can draw, and
+    # image tokens spelt with code words").
     image_word_rows: bool = False
     # Share of each user's interactions grounding trains on, the most typical first (grounding.typical_pairs);
     # 1 uses them all. Held-out personalization_image after grounding at 1 / 0.5 / 0.3 / 0.2: 0.090 / 0.117 / 0.150
@@ -466,7 +467,7 @@ class Stage2Config:
     # of the top N code words, started at its embedding; the image prompt then holds the user's level-0 code alone
     # (grounding leaves the rows: grounding.image_word_rows). 0: one row per code and level (the paper's tokens).
     # Default world, one stage 2 each, held-out hit_image after RL 0.438 with 0 and 0.586 with 5
-    # (BENCHMARKS.md, "Image tokens spelt with code words").
+    # (BENCHMARKS.md, "What the image generator can draw, and image tokens spelt with code words").
     image_code_words: int = 5
     # The run whose finished stage 1 this run's stage 2 uses (runs/<stage1_run>/stage1 is linked into this run's
     # folder); unset: this run's own. Stage-2 sweeps set it, so that every trial shares one stage 1.

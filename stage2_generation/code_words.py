@@ -19,6 +19,7 @@ benchmarks/probe_multivector.py; BENCHMARKS.md, "Text tokens spelt with code wor
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 from collections.abc import Callable, Sequence
 
@@ -87,7 +88,7 @@ def level0_pieces(
 
     pieces = {}
     for (level, code), ranked in sorted(named.items()):
-        chosen = [w for w in ranked if known(w)][:count] if level == 0 else []
+        chosen = list(itertools.islice(filter(known, ranked), count)) if level == 0 else []
         if chosen:
             pieces[code] = list(tokenizer(" " + " ".join(chosen), add_special_tokens=False)["input_ids"])
     return pieces

@@ -177,6 +177,19 @@ def fit(
     }
 
 
+def _trained(policy: Policy, modality: str, word_rows: bool) -> list[torch.nn.Parameter]:
+    """The parameters grounding trains for `modality`: its token parameters, without the code-word rows unless
+    `word_rows` (grounding.text_word_rows, grounding.image_word_rows); says so when it leaves them out."""
+    block = policy.text.module if modality == "text" else policy.image.module
+    if block.word_spans and not word_rows:
+        logger.info(
+            "grounding %s: the %d code-word rows stay at their words (grounding.%s_word_rows=false); it trains "
+            "the rows of the %d level-0 codes without words", modality, block.num_words, modality,
+            block.codebook_size - len(block.word_spans),
+        )  # fmt: skip
+    return policy.parameters(modality, word_rows)
+
+
 def ground(
     policy: Policy,
     ds: ProcessedDataset,
@@ -208,13 +221,7 @@ def ground(
         has_text = np.array([isinstance(t, str) and bool(t.strip()) for t in texts.tolist()])  # per item
         usable = [p for p in pairs if has_text[p.item]]
         usable = _typical(usable, item_text_emb, cfg.typical_share, "text")
-        block = policy.text.module
-        if block.word_spans and not cfg.text_word_rows:
-            logger.info(
-                "grounding text: the %d code-word rows stay at their words (grounding.text_word_rows=false); it "
-                "trains the rows of the %d level-0 codes without words", block.num_words,
-                block.codebook_size - len(block.word_spans),
-            )  # fmt: skip
+        params = _trained(policy, "text", cfg.text_word_rows)
         if usable:
 
             def text_fn(
@@ -226,7 +233,7 @@ def ground(
                 )
 
             report["text"] = fit(
-                "text", text_fn, policy.parameters("text", cfg.text_word_rows), len(usable), cfg, cfg.text_steps,
+                "text", text_fn, params, len(usable), cfg, cfg.text_steps,
                 cfg.text_batch_size or cfg.batch_size, seed, progress, dist,
             )  # fmt: skip
             report["text"]["interactions"] = len(usable)
@@ -250,16 +257,10 @@ def ground(
             chosen = batch if rows is None else [batch[r] for r in rows]
             return image_loss(policy, chosen, pixels[[p.item for p in batch]], rng, rows), len(chosen)
 
-        block = policy.image.module
-        if block.word_spans and not cfg.image_word_rows:
-            logger.info(
-                "grounding image: the %d code-word rows stay at their words (grounding.image_word_rows=false)",
-                block.num_words,
-            )
         report["image"] = fit(
             "image",
             image_fn,
-            policy.parameters("image", cfg.image_word_rows),
+            _trained(policy, "image", cfg.image_word_rows),
             len(usable),
             cfg,
             cfg.image_steps,
